@@ -1,13 +1,161 @@
-//! `vmgov-agent`: thin entry point; the agent itself lives in the library.
+//! `vmgov-agent`: thin entry point. Flags are parsed here; the work is in the library.
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "a command-line program prints")]
 
-use clap::Parser;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use vmgov_agent::{
+    governor::GovernorKind,
+    platform::sim::{HardwareClass, SimConfig, VmSpec, Workload, class, workload},
+    simulate::{self, Policy, Scenario},
+};
+use vmgov_proto::Thresholds;
 
 /// vmgov node agent: per-VM DVFS from predicted performance, power and throughput.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
-struct Args {}
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-fn main() -> anyhow::Result<()> {
-    Args::parse();
-    anyhow::bail!(vmgov_agent::STATUS)
+#[derive(Subcommand)]
+enum Command {
+    /// Run workloads on the simulated host under a governor, fixed P-states or the oracle, and
+    /// print the ground truth (runtime or throughput, energy, power, frequency residency).
+    Simulate(SimulateArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// Hardware class: a built-in name (phenom-9500, epyc-7502) or a TOML file.
+    #[arg(long, default_value = "phenom-9500")]
+    class: String,
+    /// A workload per VM: a built-in name (see --list) or a TOML file. Repeat for more VMs.
+    #[arg(long = "workload", short = 'w', required_unless_present = "list")]
+    workloads: Vec<String>,
+    /// vCPUs of every VM.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// A baseline governor: performance, powersave, ondemand, conservative, schedutil, cpu-load.
+    #[arg(long, conflicts_with_all = ["pstate", "oracle"])]
+    governor: Option<GovernorKind>,
+    /// Fixed P-state index per VM (0 = slowest), one for all VMs or comma-separated per VM.
+    #[arg(long, value_delimiter = ',', conflicts_with = "oracle")]
+    pstate: Vec<usize>,
+    /// Use the oracle, holding every VM to --perf and --throughput.
+    #[arg(long)]
+    oracle: bool,
+    /// Performance threshold for the oracle, a fraction (0.7) or a percentage (70).
+    #[arg(long, default_value = "0.7", value_parser = parse_fraction)]
+    perf: f64,
+    /// Throughput threshold for the oracle, a fraction or a percentage.
+    #[arg(long, default_value = "0.7", value_parser = parse_fraction)]
+    throughput: f64,
+    /// Timeslice in milliseconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeslice_ms: f64,
+    /// Seed of the measurement noise.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Relative standard deviation of the counters (0 for exact).
+    #[arg(long, default_value_t = 0.01)]
+    noise: f64,
+    /// Scale every workload's length (0.01 runs 1% of each phase, with the same ratios).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Stop after this much simulated time, seconds.
+    #[arg(long, default_value_t = 36_000.0)]
+    max_time_s: f64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+    /// List the built-in classes and workloads and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim_end_matches('%').parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let v = if v > 1.0 { v / 100.0 } else { v };
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not a fraction in [0, 1] or a percentage"))
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmgov-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Simulate(args)) => simulate_cmd(&args),
+        None => bail!(
+            "running as an agent is not implemented yet: the actor tree, the Linux backends and \
+             the coordinator link arrive with issue #4. `vmgov-agent simulate --help` runs \
+             workloads on the simulated host."
+        ),
+    }
+}
+
+fn simulate_cmd(args: &SimulateArgs) -> anyhow::Result<()> {
+    if args.list {
+        println!("hardware classes: {}", class::builtin_names().join(", "));
+        println!("evaluation workloads: {}", workload::evaluation_names().join(", "));
+        println!("training workloads: {}", workload::training_names().join(", "));
+        return Ok(());
+    }
+    let class = HardwareClass::load(&args.class)?;
+    if !(args.scale.is_finite() && args.scale > 0.0) {
+        bail!("--scale {} must be a positive number", args.scale);
+    }
+    let vms = args
+        .workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let workload = Workload::load(w)?.scaled(args.scale);
+            Ok(VmSpec { name: format!("vm{i}"), vcpus: args.vcpus, affinity: None, workload })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let policy = if let Some(g) = args.governor {
+        Policy::Governor(g)
+    } else if !args.pstate.is_empty() {
+        Policy::Fixed(args.pstate.clone())
+    } else if args.oracle {
+        Policy::Oracle(vec![Thresholds::new(args.perf, args.throughput)?])
+    } else {
+        bail!("choose who sets the frequencies: --governor NAME, --pstate N[,N...] or --oracle");
+    };
+    let scenario = Scenario {
+        class,
+        vms,
+        config: SimConfig {
+            timeslice_s: args.timeslice_ms / 1e3,
+            seed: args.seed,
+            counter_noise: args.noise,
+        },
+        max_time_s: args.max_time_s,
+    };
+    let outcome = simulate::run(&scenario, &policy).context("simulation failed")?;
+    match args.output {
+        Output::Table => print!("{}", simulate::render(&outcome)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&outcome)?),
+    }
+    Ok(())
 }

@@ -1,0 +1,1042 @@
+//! The simulated KVM host: a platform backend held to physics and published figures.
+//!
+//! [`SimHost`] advances in timeslices. Every slice it (1) asks each VM's busy threads how much of
+//! the slice they want (all of it for batch work, less for a thread blocked on its disk or an
+//! under-loaded server), (2) shares the cores among those vCPUs fairly, honouring affinity
+//! masks, (3) lays out each core's slice as a sequence of vCPU runs, each at the P-state of the
+//! core or of the VM it runs (switched at vCPU switches, as in the report), paying the class's
+//! transition latency at every change, (4) solves the socket's memory-bandwidth queueing, (5)
+//! executes the instructions and I/O, and (6) integrates power over the slice, with the voltage
+//! of the shared plane following the fastest core where the class has one.
+//!
+//! What the agent sees ([`HostSample`]: counter deltas with configurable noise, a package energy
+//! meter, core utilisation) is kept apart from the ground truth ([`SimReport`]: runtimes,
+//! throughputs, exact energies). Everything is deterministic for a seed.
+
+pub mod class;
+pub mod physics;
+pub mod workload;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::Serialize;
+use vmgov_proto::{PStateTable, RawCounters};
+
+pub use self::{
+    class::{ClassError, HardwareClass, VoltageDomain},
+    workload::{Workload, WorkloadError},
+};
+use super::{CoreSample, FrequencyControl, HostSample, PlatformError, VmIndex, VmSample};
+
+/// Seconds of request arrivals a server queues before dropping (a client timeout).
+const QUEUE_S: f64 = 1.0;
+
+/// Simulation settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Timeslice length, seconds (the report: a VM timeslice; 10 ms by default).
+    pub timeslice_s: f64,
+    /// Seed of the measurement noise.
+    pub seed: u64,
+    /// Relative standard deviation of the hardware counters the agent reads (0 = exact).
+    pub counter_noise: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self { timeslice_s: 0.01, seed: 1, counter_noise: 0.01 }
+    }
+}
+
+/// A VM to place on the simulated host.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// VM name.
+    pub name: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Cores the vCPUs may run on (bit i = core i); `None` means every core.
+    pub affinity: Option<u64>,
+    /// What it runs.
+    pub workload: Workload,
+}
+
+/// Why a host could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The class is invalid.
+    #[error(transparent)]
+    Class(#[from] ClassError),
+    /// A workload is invalid.
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    /// A VM does not fit the host or its workload.
+    #[error("VM {vm}: {problem}")]
+    Vm {
+        /// The VM.
+        vm: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// How a phase ends.
+#[derive(Debug, Clone, Copy)]
+enum PhaseEnd {
+    Instructions(f64),
+    Duration(f64),
+}
+
+/// A phase compiled for a class: per-instruction quantities.
+#[derive(Debug, Clone)]
+struct PhaseRt {
+    end: PhaseEnd,
+    threads: usize,
+    cpi: f64,
+    stall_s: f64,
+    /// Disk requests per instruction, and CPU cycles per instruction they cost.
+    ios_per_instr: f64,
+    io_cycles_per_instr: f64,
+    /// Seconds a thread is blocked per instruction (closed-loop disk).
+    blocked_s_per_instr: f64,
+    read_share: f64,
+    read_bytes: f64,
+    write_bytes: f64,
+    l2_per_instr: f64,
+    l3_per_instr: f64,
+    mem_per_instr: f64,
+    dram_bytes_per_instr: f64,
+    /// Open-loop serving: instructions arriving per second per thread, and per request.
+    arrival_instr_per_s_per_thread: f64,
+    instr_per_request: f64,
+    rx_bytes: f64,
+    rx_packets: f64,
+    tx_bytes: f64,
+    tx_packets: f64,
+    serving: bool,
+}
+
+impl PhaseRt {
+    fn compile(p: &workload::Phase, f_max: f64, vcpus: u32, vm: &str) -> Result<Self, SimError> {
+        let err = |problem: String| SimError::Vm { vm: vm.into(), problem };
+        if p.threads > vcpus {
+            return Err(err(format!(
+                "phase {:?} runs {} threads on {vcpus} vCPUs",
+                p.name, p.threads
+            )));
+        }
+        let stall_s = p.mem_stall_ns * 1e-9;
+        let (mut ios, mut io_cycles, mut blocked, mut read_share, mut rb, mut wb) =
+            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        if let Some(d) = &p.disk {
+            // Rates are given as reached alone at f_max; turn them into requests per instruction:
+            // R = q / (t + q·(c_io/f + T_s))  =>  q = R·t / (1 − R·(c_io/f + T_s)).
+            let rate = d.reads_per_s + d.writes_per_s;
+            let t = p.cpi_core / f_max + stall_s;
+            let per_io = d.cycles_per_io / f_max + d.service_time_s;
+            let busy = rate * per_io;
+            if busy >= 1.0 {
+                return Err(err(format!(
+                    "phase {:?}: {rate} disk requests/s at {per_io:.6} s each cannot fit in a second",
+                    p.name
+                )));
+            }
+            ios = if rate > 0.0 { rate * t / (1.0 - busy) } else { 0.0 };
+            io_cycles = ios * d.cycles_per_io;
+            blocked = ios * d.service_time_s;
+            read_share = if rate > 0.0 { d.reads_per_s / rate } else { 0.0 };
+            rb = d.read_bytes;
+            wb = d.write_bytes;
+        }
+        let threads = p.threads as usize;
+        #[allow(clippy::cast_precision_loss, reason = "small counts")]
+        let (arrival, per_req, rx_b, rx_p, tx_b, tx_p, serving) = match &p.network {
+            Some(n) => {
+                let per_req = n.cycles_per_request / p.cpi_core;
+                (
+                    n.requests_per_s * per_req / threads as f64,
+                    per_req,
+                    n.rx_bytes_per_request,
+                    n.rx_packets_per_request,
+                    n.tx_bytes_per_request,
+                    n.tx_packets_per_request,
+                    true,
+                )
+            }
+            None => (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, false),
+        };
+        Ok(Self {
+            end: match (p.instructions, p.duration_s) {
+                (Some(n), _) => PhaseEnd::Instructions(n),
+                (None, Some(d)) => PhaseEnd::Duration(d),
+                (None, None) => return Err(err(format!("phase {:?} has no end", p.name))),
+            },
+            threads,
+            cpi: p.cpi_core,
+            stall_s,
+            ios_per_instr: ios,
+            io_cycles_per_instr: io_cycles,
+            blocked_s_per_instr: blocked,
+            read_share,
+            read_bytes: rb,
+            write_bytes: wb,
+            l2_per_instr: p.l2_mpki * 1e-3,
+            l3_per_instr: p.l3_mpki * 1e-3,
+            mem_per_instr: p.mem_apki * 1e-3,
+            dram_bytes_per_instr: p.dram_bytes_per_instruction,
+            arrival_instr_per_s_per_thread: arrival,
+            instr_per_request: per_req,
+            rx_bytes: rx_b,
+            rx_packets: rx_p,
+            tx_bytes: tx_b,
+            tx_packets: tx_p,
+            serving,
+        })
+    }
+
+    #[inline]
+    fn busy_per_instr(&self, f: f64, contention: f64) -> f64 {
+        physics::busy_seconds_per_instruction(
+            self.cpi,
+            self.stall_s,
+            self.io_cycles_per_instr,
+            f,
+            contention,
+        )
+    }
+}
+
+/// Ground truth of one VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct VmTruth {
+    /// VM name.
+    pub name: String,
+    /// Workload name.
+    pub workload: String,
+    /// Instructions retired.
+    pub instructions: f64,
+    /// Core energy attributed to the VM's vCPUs (dynamic + leakage while they ran), joules.
+    pub energy_j: f64,
+    /// vCPU run time, summed over vCPUs, seconds.
+    pub busy_s: f64,
+    /// When its last phase ended, seconds since the host started (None while running).
+    pub finished_at_s: Option<f64>,
+    /// Requests offered and served (serving phases).
+    pub requests_offered: f64,
+    /// Requests served.
+    pub requests_served: f64,
+    /// Time spent in serving phases, seconds.
+    pub serving_s: f64,
+    /// Disk requests completed.
+    pub disk_requests: f64,
+}
+
+impl VmTruth {
+    /// Served over offered requests (1 when it serves nothing).
+    pub fn throughput_ratio(&self) -> f64 {
+        if self.requests_offered > 0.0 { self.requests_served / self.requests_offered } else { 1.0 }
+    }
+}
+
+/// Ground truth of the host so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SimReport {
+    /// Hardware class.
+    pub class: String,
+    /// Simulated time, seconds.
+    pub time_s: f64,
+    /// Package energy (cores + uncore), joules.
+    pub package_energy_j: f64,
+    /// Uncore share of it, joules.
+    pub uncore_energy_j: f64,
+    /// Cores' share of it (package − uncore), joules: what a core-only meter would show.
+    pub core_energy_j: f64,
+    /// Per VM.
+    pub vms: Vec<VmTruth>,
+    /// Seconds each core spent at each P-state (core-major).
+    pub residency_s: Vec<Vec<f64>>,
+    /// P-state changes per core.
+    pub transitions: Vec<u64>,
+}
+
+impl SimReport {
+    /// Mean package power, watts.
+    pub fn average_power_w(&self) -> f64 {
+        if self.time_s > 0.0 { self.package_energy_j / self.time_s } else { 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct StepAcc {
+    /// The phase that ran this slice.
+    phase: usize,
+    instr: f64,
+    cycles: f64,
+    run_s: f64,
+    max_vcpu_run_s: f64,
+    energy_j: f64,
+    served_instr: f64,
+}
+
+#[derive(Debug, Clone)]
+struct VmRt {
+    vcpus: usize,
+    affinity: u64,
+    phases: Vec<PhaseRt>,
+    phase: usize,
+    phase_done: f64,
+    follow: Option<usize>,
+    vcpu_core: Vec<usize>,
+    /// Instructions of requests that arrived and wait to be served (serving phases).
+    backlog_instr: f64,
+    acc: StepAcc,
+    /// Fractional event counts carried between slices, so reported counts are integers with
+    /// exact long-run totals: reads, writes, rx packets, tx packets.
+    carry: [f64; 4],
+    truth: VmTruth,
+}
+
+impl VmRt {
+    fn finished(&self) -> bool {
+        self.phase >= self.phases.len()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct CoreRt {
+    set: usize,
+    actual: usize,
+    residency: Vec<f64>,
+    transitions: u64,
+    /// Capacity left while placing this slice.
+    free: f64,
+    busy: f64,
+    freq_time: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Run,
+    Switch,
+    Idle,
+}
+
+/// A stretch of one core's slice.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    core: usize,
+    start: f64,
+    end: f64,
+    pstate: usize,
+    kind: Kind,
+    /// The vCPU's VM (Run and Switch pieces).
+    vm: usize,
+    /// Fraction of run time stalled on memory (set once contention is known).
+    stalled: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    vm: usize,
+    vcpu: usize,
+    want: f64,
+    share: f64,
+}
+
+/// The simulated host.
+#[derive(Debug, Clone)]
+pub struct SimHost {
+    class: HardwareClass,
+    table: PStateTable,
+    freqs: Vec<f64>,
+    volts: Vec<f64>,
+    config: SimConfig,
+    rng: ChaCha8Rng,
+    time_s: f64,
+    cores: Vec<CoreRt>,
+    vms: Vec<VmRt>,
+    contention: f64,
+    package_energy_j: f64,
+    uncore_energy_j: f64,
+    // Per-slice scratch, kept to avoid allocating on every step.
+    wants: Vec<Want>,
+    group_wants: Vec<f64>,
+    group_shares: Vec<f64>,
+    segments: Vec<(usize, usize, f64)>,
+    pieces: Vec<Piece>,
+    bounds: Vec<f64>,
+    sample: HostSample,
+}
+
+impl SimHost {
+    /// A host of `class` running `vms`.
+    pub fn new(
+        class: HardwareClass,
+        vms: Vec<VmSpec>,
+        config: SimConfig,
+    ) -> Result<Self, SimError> {
+        class.validate()?;
+        let table = class.pstate_table()?;
+        let freqs: Vec<f64> = table.as_slice().iter().map(|p| p.frequency_hz).collect();
+        let volts: Vec<f64> = table.as_slice().iter().map(|p| p.voltage_v.unwrap_or(1.0)).collect();
+        let f_max = table.max_frequency_hz();
+        let all_cores = if class.cores == 64 { u64::MAX } else { (1u64 << class.cores) - 1 };
+        if !(config.timeslice_s.is_finite()
+            && config.timeslice_s > 0.0
+            && config.timeslice_s <= 1.0)
+        {
+            return Err(SimError::Vm {
+                vm: "-".into(),
+                problem: format!("timeslice {} s must be in (0, 1]", config.timeslice_s),
+            });
+        }
+        let mut rts = Vec::with_capacity(vms.len());
+        for spec in vms {
+            spec.workload.validate()?;
+            let err = |problem: String| SimError::Vm { vm: spec.name.clone(), problem };
+            if spec.vcpus == 0 || spec.vcpus > 64 {
+                return Err(err(format!("{} vCPUs; a VM has 1 to 64", spec.vcpus)));
+            }
+            let affinity = spec.affinity.unwrap_or(all_cores) & all_cores;
+            if affinity == 0 {
+                return Err(err(format!(
+                    "affinity {:#x} names no core of this {}-core host",
+                    spec.affinity.unwrap_or(0),
+                    class.cores
+                )));
+            }
+            let phases = spec
+                .workload
+                .phases
+                .iter()
+                .map(|p| PhaseRt::compile(p, f_max, spec.vcpus, &spec.name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let first_core = affinity.trailing_zeros() as usize;
+            rts.push(VmRt {
+                vcpus: spec.vcpus as usize,
+                affinity,
+                phases,
+                phase: 0,
+                phase_done: 0.0,
+                follow: None,
+                vcpu_core: vec![first_core; spec.vcpus as usize],
+                backlog_instr: 0.0,
+                acc: StepAcc::default(),
+                carry: [0.0; 4],
+                truth: VmTruth {
+                    name: spec.name,
+                    workload: spec.workload.name,
+                    ..VmTruth::default()
+                },
+            });
+        }
+        let top = table.max_index();
+        let cores = (0..class.cores)
+            .map(|_| CoreRt {
+                set: top,
+                actual: top,
+                residency: vec![0.0; table.len()],
+                transitions: 0,
+                free: 1.0,
+                busy: 0.0,
+                freq_time: 0.0,
+            })
+            .collect();
+        Ok(Self {
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            class,
+            table,
+            freqs,
+            volts,
+            config,
+            time_s: 0.0,
+            cores,
+            vms: rts,
+            contention: 1.0,
+            package_energy_j: 0.0,
+            uncore_energy_j: 0.0,
+            wants: Vec::new(),
+            group_wants: Vec::new(),
+            group_shares: Vec::new(),
+            segments: Vec::new(),
+            pieces: Vec::new(),
+            bounds: Vec::new(),
+            sample: HostSample::default(),
+        })
+    }
+
+    /// The hardware class.
+    pub const fn class(&self) -> &HardwareClass {
+        &self.class
+    }
+
+    /// Simulated time, seconds.
+    pub const fn time_s(&self) -> f64 {
+        self.time_s
+    }
+
+    /// The settings.
+    pub const fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    /// Turns measurement noise off (the oracle evaluates the physics itself).
+    pub fn set_counter_noise(&mut self, noise: f64) {
+        self.config.counter_noise = noise;
+    }
+
+    /// Number of VMs (finished ones included).
+    pub fn vm_count(&self) -> usize {
+        self.vms.len()
+    }
+
+    /// True when every VM has finished its workload.
+    pub fn all_finished(&self) -> bool {
+        self.vms.iter().all(VmRt::finished)
+    }
+
+    /// True when VM `vm` has finished.
+    pub fn vm_finished(&self, vm: VmIndex) -> bool {
+        self.vms.get(vm).is_none_or(VmRt::finished)
+    }
+
+    /// The phase VM `vm` is in (equal to its phase count once finished).
+    pub fn vm_phase(&self, vm: VmIndex) -> usize {
+        self.vms.get(vm).map_or(0, |v| v.phase)
+    }
+
+    /// The P-state VM `vm` follows, if any.
+    pub fn vm_pstate(&self, vm: VmIndex) -> Option<usize> {
+        self.vms.get(vm).and_then(|v| v.follow)
+    }
+
+    /// Progress of VM `vm` in its current phase: instructions (batch) or seconds (duration).
+    pub fn vm_phase_progress(&self, vm: VmIndex) -> f64 {
+        self.vms.get(vm).map_or(0.0, |v| v.phase_done)
+    }
+
+    /// True when VM `vm`'s current phase serves requests (its target is throughput).
+    pub fn vm_serving(&self, vm: VmIndex) -> bool {
+        self.vms.get(vm).and_then(|v| v.phases.get(v.phase)).is_some_and(|p| p.serving)
+    }
+
+    /// A copy of the host, without measurement noise, in which only `vm` still runs: what it
+    /// would do alone.
+    #[must_use]
+    pub fn isolated(&self, vm: VmIndex) -> Self {
+        let mut h = self.clone();
+        h.config.counter_noise = 0.0;
+        for (i, v) in h.vms.iter_mut().enumerate() {
+            if i != vm {
+                v.phase = v.phases.len();
+            }
+        }
+        h
+    }
+
+    /// Ground truth so far.
+    pub fn report(&self) -> SimReport {
+        SimReport {
+            class: self.class.name.clone(),
+            time_s: self.time_s,
+            package_energy_j: self.package_energy_j,
+            uncore_energy_j: self.uncore_energy_j,
+            core_energy_j: self.package_energy_j - self.uncore_energy_j,
+            vms: self.vms.iter().map(|v| v.truth.clone()).collect(),
+            residency_s: self.cores.iter().map(|c| c.residency.clone()).collect(),
+            transitions: self.cores.iter().map(|c| c.transitions).collect(),
+        }
+    }
+
+    /// Truth of one VM.
+    pub fn vm_truth(&self, vm: VmIndex) -> Option<&VmTruth> {
+        self.vms.get(vm).map(|v| &v.truth)
+    }
+
+    /// Package energy so far, joules.
+    pub const fn package_energy_j(&self) -> f64 {
+        self.package_energy_j
+    }
+
+    /// The last slice's sample.
+    pub const fn last_sample(&self) -> &HostSample {
+        &self.sample
+    }
+
+    /// Advances one timeslice and returns what the agent would measure over it.
+    pub fn step(&mut self) -> &HostSample {
+        let dt = self.config.timeslice_s;
+        self.collect_wants(dt);
+        self.place();
+        self.lay_out_cores(dt);
+        self.contention = self.solve_contention(dt);
+        self.execute();
+        let (core_j, dram_bytes) = self.integrate_power();
+        let uncore_j = (self.class.power.uncore_watts
+            + self.class.power.uncore_watts_per_gbps * dram_bytes / dt / 1e9)
+            * dt;
+        self.uncore_energy_j += uncore_j;
+        self.package_energy_j += core_j + uncore_j;
+        self.time_s += dt;
+        self.finish_step(dt);
+        self.emit_sample(dt, core_j + uncore_j);
+        &self.sample
+    }
+
+    fn vcpu_frequency_hint(&self, vm: &VmRt, vcpu: usize) -> f64 {
+        let p = vm.follow.unwrap_or_else(|| self.cores[vm.vcpu_core[vcpu]].set);
+        self.freqs[p]
+    }
+
+    /// (1) How much of the slice each busy vCPU wants.
+    fn collect_wants(&mut self, dt: f64) {
+        self.wants.clear();
+        for (i, vm) in self.vms.iter().enumerate() {
+            if vm.finished() {
+                continue;
+            }
+            let ph = &vm.phases[vm.phase];
+            for vcpu in 0..ph.threads.min(vm.vcpus) {
+                let f = self.vcpu_frequency_hint(vm, vcpu);
+                let b = ph.busy_per_instr(f, self.contention);
+                #[allow(clippy::cast_precision_loss, reason = "small counts")]
+                let want = if ph.serving {
+                    let pending = ph.arrival_instr_per_s_per_thread * dt
+                        + vm.backlog_instr / ph.threads as f64;
+                    (pending * b / dt).min(1.0)
+                } else if ph.blocked_s_per_instr > 0.0 {
+                    b / (b + ph.blocked_s_per_instr)
+                } else {
+                    1.0
+                };
+                self.wants.push(Want { vm: i, vcpu, want, share: 0.0 });
+            }
+        }
+    }
+
+    /// (2) Fair shares per affinity group, packed onto the group's cores (McNaughton).
+    fn place(&mut self) {
+        for c in &mut self.cores {
+            c.free = 1.0;
+        }
+        self.segments.clear();
+        // Groups by affinity mask, narrowest first, so pinned vCPUs get their cores before
+        // vCPUs that could go anywhere.
+        let vms = &self.vms;
+        self.wants.sort_by_key(|w| {
+            let mask = vms[w.vm].affinity;
+            (mask.count_ones(), mask, vms[w.vm].vcpu_core[w.vcpu], w.vm, w.vcpu)
+        });
+        let mut start = 0;
+        while start < self.wants.len() {
+            let mask = self.vms[self.wants[start].vm].affinity;
+            let end = start
+                + self.wants[start..]
+                    .iter()
+                    .take_while(|w| self.vms[w.vm].affinity == mask)
+                    .count();
+            let capacity: f64 = (0..self.cores.len())
+                .filter(|c| mask & (1 << c) != 0)
+                .map(|c| self.cores[c].free)
+                .sum();
+            self.group_wants.clear();
+            self.group_wants.extend(self.wants[start..end].iter().map(|w| w.want));
+            self.group_shares.clear();
+            self.group_shares.resize(end - start, 0.0);
+            physics::fair_shares(&self.group_wants, capacity, &mut self.group_shares);
+            let mut core = 0;
+            for (k, w) in self.wants[start..end].iter_mut().enumerate() {
+                w.share = self.group_shares[k];
+                let mut left = w.share;
+                while left > 1e-12 {
+                    while core < self.cores.len()
+                        && (mask & (1 << core) == 0 || self.cores[core].free <= 1e-12)
+                    {
+                        core += 1;
+                    }
+                    let Some(c) = self.cores.get_mut(core) else { break };
+                    let take = left.min(c.free);
+                    c.free -= take;
+                    left -= take;
+                    self.segments.push((core, start + k, take));
+                }
+            }
+            start = end;
+        }
+        // Remember where each vCPU ran most, for stickiness and frequency hints.
+        for &(core, k, _) in &self.segments {
+            let w = self.wants[k];
+            self.vms[w.vm].vcpu_core[w.vcpu] = core;
+        }
+    }
+
+    /// (3) Each core's slice as pieces, with transitions where the P-state changes.
+    fn lay_out_cores(&mut self, dt: f64) {
+        self.pieces.clear();
+        self.segments.sort_by_key(|s| s.0);
+        let dvfs = &self.class.dvfs;
+        let mut seg = 0;
+        for (ci, core) in self.cores.iter_mut().enumerate() {
+            let mut t = 0.0;
+            let mut cur = core.actual;
+            while seg < self.segments.len() && self.segments[seg].0 == ci {
+                let (_, k, share) = self.segments[seg];
+                seg += 1;
+                let w = self.wants[k];
+                let target = self.vms[w.vm].follow.unwrap_or(core.set);
+                let mut left = share * dt;
+                let push = |kind, p, d: f64, t: &mut f64, pieces: &mut Vec<Piece>| {
+                    if d > 0.0 {
+                        pieces.push(Piece {
+                            core: ci,
+                            start: *t,
+                            end: *t + d,
+                            pstate: p,
+                            kind,
+                            vm: w.vm,
+                            stalled: 0.0,
+                        });
+                        *t += d;
+                    }
+                };
+                if target != cur {
+                    let delay = dvfs.delay_s.min(left);
+                    push(Kind::Run, cur, delay, &mut t, &mut self.pieces);
+                    left -= delay;
+                    if left > 0.0 {
+                        let mut stall = dvfs.stall_s;
+                        if (self.volts[target] - self.volts[cur]).abs() > 1e-9 {
+                            stall += dvfs.voltage_stall_s;
+                        }
+                        let stall = stall.min(left);
+                        push(Kind::Switch, target, stall, &mut t, &mut self.pieces);
+                        left -= stall;
+                        cur = target;
+                        core.transitions += 1;
+                    }
+                }
+                push(Kind::Run, cur, left, &mut t, &mut self.pieces);
+            }
+            core.busy = (t / dt).min(1.0);
+            if core.set != cur {
+                cur = core.set;
+                core.transitions += 1;
+            }
+            if dt - t > 1e-15 {
+                self.pieces.push(Piece {
+                    core: ci,
+                    start: t,
+                    end: dt,
+                    pstate: cur,
+                    kind: Kind::Idle,
+                    vm: usize::MAX,
+                    stalled: 0.0,
+                });
+            }
+            core.actual = cur;
+        }
+    }
+
+    /// (4) The bandwidth queueing factor for this slice.
+    fn solve_contention(&self, dt: f64) -> f64 {
+        let demand = |c: f64| {
+            self.pieces
+                .iter()
+                .filter(|p| p.kind == Kind::Run)
+                .map(|p| {
+                    let vm = &self.vms[p.vm];
+                    let ph = &vm.phases[vm.phase];
+                    ph.dram_bytes_per_instr * (p.end - p.start)
+                        / ph.busy_per_instr(self.freqs[p.pstate], c)
+                })
+                .sum::<f64>()
+                / dt
+        };
+        physics::bandwidth_contention(self.class.memory_bandwidth_bytes_per_s, demand)
+    }
+
+    /// (5) Instructions and cycles of every run piece.
+    fn execute(&mut self) {
+        for vm in &mut self.vms {
+            vm.acc = StepAcc { phase: vm.phase.min(vm.phases.len() - 1), ..StepAcc::default() };
+        }
+        let dt = self.config.timeslice_s;
+        for w in &self.wants {
+            let acc = &mut self.vms[w.vm].acc;
+            acc.max_vcpu_run_s = acc.max_vcpu_run_s.max(w.share * dt);
+        }
+        let c = self.contention;
+        for p in &mut self.pieces {
+            if p.kind == Kind::Idle {
+                continue;
+            }
+            let d = p.end - p.start;
+            let vm = &mut self.vms[p.vm];
+            vm.acc.run_s += d;
+            if p.kind == Kind::Switch {
+                continue;
+            }
+            let ph = &vm.phases[vm.phase];
+            let f = self.freqs[p.pstate];
+            let b = ph.busy_per_instr(f, c);
+            p.stalled = ph.stall_s * c / b;
+            vm.acc.instr += d / b;
+            vm.acc.cycles += d * f;
+        }
+    }
+
+    /// (6) Energy of every piece; returns the cores' energy (J) and the DRAM traffic (bytes).
+    fn integrate_power(&mut self) -> (f64, f64) {
+        let power = &self.class.power;
+        let piece_power = |p: &Piece, v: f64, freqs: &[f64]| {
+            let f = freqs[p.pstate];
+            let (activity, leak_fraction) = match p.kind {
+                Kind::Run => (physics::running_activity(power, p.stalled), 1.0),
+                Kind::Switch => (power.idle_activity, 1.0),
+                Kind::Idle => (power.idle_activity, power.idle_leakage_fraction),
+            };
+            physics::dynamic_watts(power, v, f, activity)
+                + physics::leakage_watts(power, v) * leak_fraction
+        };
+        let mut total = 0.0;
+        match self.class.voltage_domain {
+            VoltageDomain::PerCore => {
+                for p in &self.pieces {
+                    let e = piece_power(p, self.volts[p.pstate], &self.freqs) * (p.end - p.start);
+                    total += e;
+                    if p.kind != Kind::Idle {
+                        self.vms[p.vm].acc.energy_j += e;
+                    }
+                }
+            }
+            VoltageDomain::Shared => {
+                // The plane follows the fastest core's P-state at every instant: sweep the
+                // slice over every piece boundary.
+                self.bounds.clear();
+                self.bounds.extend(self.pieces.iter().map(|p| p.end));
+                self.bounds.sort_by(f64::total_cmp);
+                self.bounds.dedup_by(|a, b| (*a - *b).abs() < 1e-15);
+                let mut t0 = 0.0;
+                for &t1 in &self.bounds {
+                    if t1 - t0 <= 1e-15 {
+                        continue;
+                    }
+                    let mid = 0.5 * (t0 + t1);
+                    let covering = self.pieces.iter().filter(|p| p.start <= mid && mid < p.end);
+                    let v = covering.clone().map(|p| self.volts[p.pstate]).fold(0.0, f64::max);
+                    for p in covering {
+                        let e = piece_power(p, v, &self.freqs) * (t1 - t0);
+                        total += e;
+                        if p.kind != Kind::Idle {
+                            self.vms[p.vm].acc.energy_j += e;
+                        }
+                    }
+                    t0 = t1;
+                }
+            }
+        }
+        for p in &self.pieces {
+            self.cores[p.core].residency[p.pstate] += p.end - p.start;
+        }
+        for core in &mut self.cores {
+            core.freq_time = 0.0;
+        }
+        for p in &self.pieces {
+            self.cores[p.core].freq_time += self.freqs[p.pstate] * (p.end - p.start);
+        }
+        let dram = self
+            .vms
+            .iter()
+            .filter(|v| !v.finished())
+            .map(|v| v.acc.instr * v.phases[v.phase].dram_bytes_per_instr)
+            .sum();
+        (total, dram)
+    }
+
+    /// Advances phases and truths.
+    fn finish_step(&mut self, dt: f64) {
+        let now = self.time_s;
+        for vm in &mut self.vms {
+            if vm.finished() {
+                continue;
+            }
+            let ph = &vm.phases[vm.phase];
+            let mut acc = vm.acc.clone();
+            if ph.serving {
+                // Requests wait in the server's queue while the vCPUs are busy or switching;
+                // past QUEUE_S seconds of arrivals they are dropped (the client times out).
+                #[allow(clippy::cast_precision_loss, reason = "small counts")]
+                let rate = ph.arrival_instr_per_s_per_thread * ph.threads as f64;
+                let arrived = rate * dt;
+                let pending = vm.backlog_instr + arrived;
+                acc.served_instr = acc.instr.min(pending);
+                acc.instr = acc.served_instr;
+                vm.backlog_instr = (pending - acc.served_instr).min(rate * QUEUE_S);
+                vm.truth.requests_offered += arrived / ph.instr_per_request;
+                vm.truth.requests_served += acc.served_instr / ph.instr_per_request;
+                vm.truth.serving_s += dt;
+            }
+            let mut fraction = 1.0;
+            match ph.end {
+                PhaseEnd::Instructions(n) => {
+                    let left = n - vm.phase_done;
+                    if acc.instr >= left {
+                        fraction = if acc.instr > 0.0 { left / acc.instr } else { 1.0 };
+                        vm.phase_done = n;
+                    } else {
+                        vm.phase_done += acc.instr;
+                    }
+                }
+                PhaseEnd::Duration(_) => vm.phase_done += dt,
+            }
+            acc.instr *= fraction;
+            acc.cycles *= fraction;
+            vm.truth.instructions += acc.instr;
+            vm.truth.busy_s += acc.run_s;
+            vm.truth.energy_j += acc.energy_j;
+            vm.truth.disk_requests += acc.instr * ph.ios_per_instr;
+            let ended = match ph.end {
+                PhaseEnd::Instructions(n) => vm.phase_done >= n,
+                PhaseEnd::Duration(d) => vm.phase_done >= d - 1e-9,
+            };
+            vm.acc = acc;
+            if ended {
+                vm.phase += 1;
+                vm.phase_done = 0.0;
+                vm.backlog_instr = 0.0;
+                if vm.finished() {
+                    vm.truth.finished_at_s = Some(now - dt * (1.0 - fraction));
+                }
+            }
+        }
+    }
+
+    /// What the agent would read: counter deltas with noise, the package meter.
+    fn emit_sample(&mut self, dt: f64, package_j: f64) {
+        let sigma = self.config.counter_noise;
+        self.sample.time_s = self.time_s;
+        self.sample.timeslice_s = dt;
+        self.sample.cores.clear();
+        for c in &self.cores {
+            self.sample.cores.push(CoreSample {
+                busy: c.busy,
+                pstate: c.set,
+                mean_frequency_hz: c.freq_time / dt,
+            });
+        }
+        self.sample.vms.clear();
+        for (i, vm) in self.vms.iter_mut().enumerate() {
+            let acc = &vm.acc;
+            let ph = &vm.phases[acc.phase];
+            let mut noisy = |x: f64| -> u64 {
+                let z: f64 = if sigma > 0.0 { StandardNormal.sample(&mut self.rng) } else { 0.0 };
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "clamped to >= 0"
+                )]
+                let v = (x * (1.0 + sigma * z)).max(0.0).round() as u64;
+                v
+            };
+            let instructions = noisy(acc.instr);
+            let cycles = noisy(acc.cycles);
+            let l2 = noisy(acc.instr * ph.l2_per_instr);
+            let l3 = noisy(acc.instr * ph.l3_per_instr);
+            let mem = noisy(acc.instr * ph.mem_per_instr);
+            let ios = acc.instr * ph.ios_per_instr;
+            let requests = if ph.serving { acc.instr / ph.instr_per_request } else { 0.0 };
+            let mut count = |slot: usize, x: f64| -> u64 {
+                vm.carry[slot] += x;
+                let whole = vm.carry[slot].floor();
+                vm.carry[slot] -= whole;
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "non-negative"
+                )]
+                let n = whole as u64;
+                n
+            };
+            let reads = count(0, ios * ph.read_share);
+            let writes = count(1, ios * (1.0 - ph.read_share));
+            let rx = count(2, requests * ph.rx_packets);
+            let tx = count(3, requests * ph.tx_packets);
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss,
+                reason = "non-negative, small"
+            )]
+            let counters = RawCounters {
+                timeslice_seconds: dt,
+                instructions,
+                cycles,
+                l2_misses: l2,
+                l3_misses: l3,
+                memory_accesses: mem,
+                disk_reads: reads,
+                disk_read_bytes: (reads as f64 * ph.read_bytes) as u64,
+                disk_writes: writes,
+                disk_write_bytes: (writes as f64 * ph.write_bytes) as u64,
+                packets_rx: rx,
+                bytes_rx: (requests * ph.rx_bytes) as u64,
+                packets_tx: tx,
+                bytes_tx: (requests * ph.tx_bytes) as u64,
+                cpu_time_ns: (acc.run_s * 1e9) as u64,
+                vcpus: u32::try_from(vm.vcpus).unwrap_or(u32::MAX),
+                energy_joules: None,
+                unavailable: vmgov_proto::CounterSet::EMPTY,
+            };
+            #[allow(clippy::cast_precision_loss, reason = "small counts")]
+            let busy = acc.run_s / (dt * vm.vcpus as f64);
+            let max_vcpu_busy = (acc.max_vcpu_run_s / dt).min(1.0);
+            self.sample.vms.push(VmSample {
+                vm: i,
+                counters,
+                busy,
+                max_vcpu_busy,
+                finished: vm.finished(),
+            });
+        }
+        self.sample.package_energy_j = Some(package_j);
+    }
+}
+
+impl FrequencyControl for SimHost {
+    fn pstates(&self) -> &PStateTable {
+        &self.table
+    }
+
+    fn core_count(&self) -> usize {
+        self.cores.len()
+    }
+
+    fn core_pstate(&self, core: usize) -> Result<usize, PlatformError> {
+        self.cores
+            .get(core)
+            .map(|c| c.set)
+            .ok_or(PlatformError::NoSuchCore { core, cores: self.cores.len() })
+    }
+
+    fn set_core_pstate(&mut self, core: usize, pstate: usize) -> Result<(), PlatformError> {
+        let len = self.table.len();
+        if pstate >= len {
+            return Err(PlatformError::NoSuchPState { pstate, len });
+        }
+        let cores = self.cores.len();
+        self.cores.get_mut(core).ok_or(PlatformError::NoSuchCore { core, cores })?.set = pstate;
+        Ok(())
+    }
+
+    fn set_vm_pstate(&mut self, vm: VmIndex, pstate: Option<usize>) -> Result<(), PlatformError> {
+        let len = self.table.len();
+        if let Some(p) = pstate
+            && p >= len
+        {
+            return Err(PlatformError::NoSuchPState { pstate: p, len });
+        }
+        self.vms.get_mut(vm).ok_or(PlatformError::NoSuchVm(vm))?.follow = pstate;
+        Ok(())
+    }
+}

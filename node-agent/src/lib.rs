@@ -2,13 +2,15 @@
 //!
 //! Built so far: the [`platform`] layer's frequency interface and its simulated backend
 //! ([`platform::sim`]), the baseline [`governor`]s and the oracle that run on it, and
-//! [`simulate`], the engine behind `vmgov-agent simulate`.
+//! [`simulate`], the engine behind `vmgov-agent simulate`, and the [`calibration`] tables behind
+//! `vmgov-agent calibrate` and `docs/calibration.md`.
 //!
 //! Not built yet (issue #4): the ractor actor tree (supervisor, one `VmActor` per VM, sampler,
 //! arbiter, coordinator link, model cache), the Linux backends and the fast path that runs
 //! [`vmgov_proto`]'s model core every timeslice. The binary says so plainly when asked to run
 //! as an agent.
 
+pub mod calibration;
 pub mod governor;
 pub mod platform;
 pub mod simulate;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmgov_agent::{
+    calibration,
     governor::GovernorKind,
     platform::sim::{HardwareClass, SimConfig, VmSpec, Workload, class, workload},
     simulate::{self, Policy, Scenario},
@@ -25,6 +26,25 @@ enum Command {
     /// Run workloads on the simulated host under a governor, fixed P-states or the oracle, and
     /// print the ground truth (runtime or throughput, energy, power, frequency residency).
     Simulate(SimulateArgs),
+    /// Print the calibration tables of docs/calibration.md for a class: every workload alone at
+    /// every P-state and under the oracle at thresholds 70% and 40%, next to the report's figures.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Hardware class: a built-in name or a TOML file.
+    #[arg(long, default_value = "phenom-9500")]
+    class: String,
+    /// Workloads to tabulate (built-in names or files); the report's evaluation set by default.
+    #[arg(long = "workload", short = 'w')]
+    workloads: Vec<String>,
+    /// Scale every workload's length (ratios barely depend on it; 1 is the full length).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Print JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -105,6 +125,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Simulate(args)) => simulate_cmd(&args),
+        Some(Command::Calibrate(args)) => calibrate_cmd(&args),
         None => bail!(
             "running as an agent is not implemented yet: the actor tree, the Linux backends and \
              the coordinator link arrive with issue #4. `vmgov-agent simulate --help` runs \
@@ -156,6 +177,27 @@ fn simulate_cmd(args: &SimulateArgs) -> anyhow::Result<()> {
     match args.output {
         Output::Table => print!("{}", simulate::render(&outcome)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&outcome)?),
+    }
+    Ok(())
+}
+
+fn calibrate_cmd(args: &CalibrateArgs) -> anyhow::Result<()> {
+    if !(args.scale.is_finite() && args.scale > 0.0) {
+        bail!("--scale {} must be a positive number", args.scale);
+    }
+    let class = HardwareClass::load(&args.class)?;
+    let names: Vec<String> = if args.workloads.is_empty() {
+        workload::evaluation_names().into_iter().map(str::to_owned).collect()
+    } else {
+        args.workloads.clone()
+    };
+    let workloads = names.iter().map(|w| Workload::load(w)).collect::<Result<Vec<_>, _>>()?;
+    eprintln!("vmgov-agent: simulating {} workloads on {} ...", workloads.len(), class.name);
+    let rows = calibration::table(&class, &workloads, args.scale)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", calibration::markdown(&class, &rows));
     }
     Ok(())
 }

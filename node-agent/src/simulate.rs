@@ -10,7 +10,10 @@ use thiserror::Error;
 use vmgov_proto::Thresholds;
 
 use crate::{
-    governor::{Baseline, GovernorKind, oracle::Oracle},
+    governor::{
+        Baseline, GovernorKind,
+        oracle::{self, Oracle},
+    },
     platform::{
         FrequencyControl, PlatformError,
         sim::{HardwareClass, SimConfig, SimError, SimHost, SimReport, VmSpec},
@@ -24,7 +27,8 @@ pub enum Policy {
     /// A baseline governor.
     Governor(GovernorKind),
     /// A fixed P-state per VM (one entry for all VMs, or one per VM), applied per VM at vCPU
-    /// switches; idle time at the lowest P-state.
+    /// switches; cores that ran a vCPU keep the highest of them for their idle time, cores that
+    /// ran nothing go to the lowest (so a VM fixed at f_max is the performance governor).
     Fixed(Vec<usize>),
     /// The oracle, holding each VM to its thresholds (one entry for all, or one per VM).
     Oracle(Vec<Thresholds>),
@@ -101,15 +105,15 @@ pub fn run(scenario: &Scenario, policy: &Policy) -> Result<Outcome, SimulateErro
     let n = host.vm_count();
     let mut baseline = None;
     let mut oracle = None;
+    let mut held = None;
     match policy {
         Policy::Governor(kind) => baseline = Some(Baseline::new(*kind)),
         Policy::Fixed(pstates) => {
-            for (vm, p) in per_vm(pstates, n, "P-states")?.into_iter().enumerate() {
+            let pstates = per_vm(pstates, n, "P-states")?;
+            for (vm, &p) in pstates.iter().enumerate() {
                 host.set_vm_pstate(vm, Some(p))?;
             }
-            for core in 0..host.core_count() {
-                host.set_core_pstate(core, 0)?;
-            }
+            held = pstates.iter().copied().max();
         }
         Policy::Oracle(thresholds) => {
             oracle = Some(Oracle::new(per_vm(thresholds, n, "thresholds")?))
@@ -122,10 +126,15 @@ pub fn run(scenario: &Scenario, policy: &Policy) -> Result<Outcome, SimulateErro
         }
         host.step();
         steps += 1;
-        if let Some(g) = baseline.as_mut() {
-            let sample = host.last_sample().clone();
-            g.update(&sample, &mut host)?;
-        }
+        let sample = host.take_sample();
+        let result = match (&mut baseline, &oracle, held) {
+            (Some(g), _, _) => g.update(&sample, &mut host),
+            (_, Some(o), _) => o.after_step(&sample, &mut host),
+            (_, _, Some(p)) => oracle::hold_busy_cores(&sample, &mut host, p),
+            _ => Ok(()),
+        };
+        host.return_sample(sample);
+        result?;
     }
     Ok(Outcome {
         policy: policy.name(),

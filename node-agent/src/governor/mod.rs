@@ -26,7 +26,7 @@ pub enum GovernorKind {
     Performance,
     /// Every core at the lowest P-state.
     Powersave,
-    /// Linux ondemand: f_max above 80% load, else proportional to load.
+    /// Linux ondemand: f_max above 80% load, else proportional to load (closest P-state).
     Ondemand,
     /// Linux conservative: steps of 5% of f_max up above 80% load, down below 20%.
     Conservative,
@@ -102,6 +102,12 @@ pub struct Baseline {
     vm_pstate: Vec<usize>,
 }
 
+/// The P-state closest to `hz` (Linux's CPUFREQ_RELATION_C, ondemand's choice).
+pub fn closest(table: &PStateTable, hz: f64) -> usize {
+    let distance = |i: usize| (table.as_slice()[i].frequency_hz - hz).abs();
+    (0..table.len()).min_by(|&a, &b| distance(a).total_cmp(&distance(b))).unwrap_or(0)
+}
+
 /// The lowest P-state whose frequency is at least `hz` (Linux's CPUFREQ_RELATION_L), or f_max.
 pub fn lowest_at_or_above(table: &PStateTable, hz: f64) -> usize {
     table.as_slice().iter().position(|p| p.frequency_hz >= hz - 1e3).unwrap_or(table.max_index())
@@ -148,7 +154,7 @@ impl Baseline {
                     if c.busy > UP_THRESHOLD {
                         top
                     } else {
-                        lowest_at_or_above(&table, f_min + c.busy * (f_max - f_min))
+                        closest(&table, f_min + c.busy * (f_max - f_min))
                     }
                 }
                 GovernorKind::Conservative => {
@@ -200,5 +206,131 @@ impl Baseline {
             ctl.set_core_pstate(core, 0)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        platform::sim::{HardwareClass, SimConfig, SimHost, VmSpec, Workload},
+        simulate::{self, Policy, Scenario},
+    };
+
+    fn scenario(workloads: &[(&str, f64)]) -> Scenario {
+        Scenario {
+            class: HardwareClass::builtin("phenom-9500").unwrap(),
+            vms: workloads
+                .iter()
+                .enumerate()
+                .map(|(i, (w, s))| VmSpec {
+                    name: format!("vm{i}"),
+                    vcpus: 2,
+                    affinity: None,
+                    workload: Workload::builtin(w).unwrap().scaled(*s),
+                })
+                .collect(),
+            config: SimConfig { counter_noise: 0.0, ..SimConfig::default() },
+            max_time_s: 3600.0,
+        }
+    }
+
+    /// Share of core-time each P-state got over the run.
+    fn residency(o: &simulate::Outcome) -> Vec<f64> {
+        let mut total = vec![0.0; o.pstates_hz.len()];
+        for core in &o.report.residency_s {
+            for (t, r) in total.iter_mut().zip(core) {
+                *t += r;
+            }
+        }
+        let sum: f64 = total.iter().sum();
+        total.iter().map(|t| t / sum).collect()
+    }
+
+    #[test]
+    fn names_parse() {
+        for g in GovernorKind::ALL {
+            assert_eq!(g.name().parse::<GovernorKind>(), Ok(g));
+        }
+        assert!("userspace".parse::<GovernorKind>().unwrap_err().to_string().contains("schedutil"));
+    }
+
+    #[test]
+    fn relation_l_picks_the_lowest_pstate_at_or_above() {
+        let t = HardwareClass::builtin("phenom-9500").unwrap().pstate_table().unwrap();
+        assert_eq!(lowest_at_or_above(&t, 0.0), 0);
+        assert_eq!(lowest_at_or_above(&t, 1.5e9), 1);
+        assert_eq!(lowest_at_or_above(&t, 1.6e9), 1);
+        assert_eq!(lowest_at_or_above(&t, 9e9), 4);
+        assert_eq!(closest(&t, 1.45e9), 0);
+        assert_eq!(closest(&t, 1.55e9), 1);
+    }
+
+    #[test]
+    fn performance_runs_busy_cores_at_f_max_and_idle_cores_at_the_lowest() {
+        let o = simulate::run(
+            &scenario(&[("444.namd", 0.005)]),
+            &Policy::Governor(GovernorKind::Performance),
+        )
+        .unwrap();
+        // One busy thread on four cores: a quarter of core-time at f_max, the rest idle and low.
+        let r = residency(&o);
+        assert!((r[4] - 0.25).abs() < 0.01 && (r[0] - 0.75).abs() < 0.01, "{r:?}");
+    }
+
+    #[test]
+    fn utilisation_governors_slow_a_light_server_and_not_a_busy_job() {
+        for g in [
+            GovernorKind::Ondemand,
+            GovernorKind::Schedutil,
+            GovernorKind::Conservative,
+            GovernorKind::CpuLoad,
+        ] {
+            let light =
+                simulate::run(&scenario(&[("httperf-10", 0.02)]), &Policy::Governor(g)).unwrap();
+            assert!(residency(&light)[0] > 0.95, "{g}: {:?}", residency(&light));
+            let busy =
+                simulate::run(&scenario(&[("470.lbm", 0.0005)]), &Policy::Governor(g)).unwrap();
+            // lbm's core is busy all the time: every load-based governor keeps it fast, which is
+            // the report's point about memory-bound VMs.
+            let r = residency(&busy);
+            assert!(r[4] > 0.2, "{g}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn powersave_runs_everything_at_the_lowest_pstate() {
+        let o = simulate::run(
+            &scenario(&[("444.namd", 0.005)]),
+            &Policy::Governor(GovernorKind::Powersave),
+        )
+        .unwrap();
+        // All but the first slice, which starts at f_max before the governor has run.
+        assert!(residency(&o)[0] > 0.995, "{:?}", residency(&o));
+    }
+
+    #[test]
+    fn governors_only_use_the_hardware_table() {
+        let mut h = SimHost::new(
+            HardwareClass::builtin("epyc-7502").unwrap(),
+            vec![VmSpec {
+                name: "v".into(),
+                vcpus: 2,
+                affinity: None,
+                workload: Workload::builtin("train-mix").unwrap().scaled(0.01),
+            }],
+            SimConfig::default(),
+        )
+        .unwrap();
+        for kind in GovernorKind::ALL {
+            let mut g = Baseline::new(kind);
+            for _ in 0..20 {
+                let s = h.step().clone();
+                g.update(&s, &mut h).unwrap();
+                for c in 0..h.core_count() {
+                    assert!(h.core_pstate(c).unwrap() < 3);
+                }
+            }
+        }
     }
 }

@@ -365,7 +365,11 @@ pub struct SimHost {
     group_shares: Vec<f64>,
     segments: Vec<(usize, usize, f64)>,
     pieces: Vec<Piece>,
+    /// Index of each core's first piece (pieces are grouped by core, in time order), plus the end.
+    core_first: Vec<usize>,
+    cursor: Vec<usize>,
     bounds: Vec<f64>,
+    demand_terms: Vec<(f64, f64, f64)>,
     sample: HostSample,
 }
 
@@ -461,7 +465,10 @@ impl SimHost {
             group_shares: Vec::new(),
             segments: Vec::new(),
             pieces: Vec::new(),
+            core_first: Vec::new(),
+            cursor: Vec::new(),
             bounds: Vec::new(),
+            demand_terms: Vec::new(),
             sample: HostSample::default(),
         })
     }
@@ -562,6 +569,17 @@ impl SimHost {
     /// The last slice's sample.
     pub const fn last_sample(&self) -> &HostSample {
         &self.sample
+    }
+
+    /// Takes the last slice's sample out (so a governor can read it while it sets frequencies
+    /// on the host); hand it back with [`Self::return_sample`] to reuse its buffers.
+    pub fn take_sample(&mut self) -> HostSample {
+        std::mem::take(&mut self.sample)
+    }
+
+    /// Gives back a sample taken with [`Self::take_sample`].
+    pub fn return_sample(&mut self, sample: HostSample) {
+        self.sample = sample;
     }
 
     /// Advances one timeslice and returns what the agent would measure over it.
@@ -674,10 +692,12 @@ impl SimHost {
     /// (3) Each core's slice as pieces, with transitions where the P-state changes.
     fn lay_out_cores(&mut self, dt: f64) {
         self.pieces.clear();
+        self.core_first.clear();
         self.segments.sort_by_key(|s| s.0);
         let dvfs = &self.class.dvfs;
         let mut seg = 0;
         for (ci, core) in self.cores.iter_mut().enumerate() {
+            self.core_first.push(self.pieces.len());
             let mut t = 0.0;
             let mut cur = core.actual;
             while seg < self.segments.len() && self.segments[seg].0 == ci {
@@ -719,11 +739,12 @@ impl SimHost {
                 push(Kind::Run, cur, left, &mut t, &mut self.pieces);
             }
             core.busy = (t / dt).min(1.0);
-            if core.set != cur {
-                cur = core.set;
-                core.transitions += 1;
-            }
-            if dt - t > 1e-15 {
+            // Idle time runs at the core's own setting; a core busy all slice never gets there.
+            if dt - t > 1e-12 {
+                if core.set != cur {
+                    cur = core.set;
+                    core.transitions += 1;
+                }
                 self.pieces.push(Piece {
                     core: ci,
                     start: t,
@@ -736,23 +757,24 @@ impl SimHost {
             }
             core.actual = cur;
         }
+        self.core_first.push(self.pieces.len());
     }
 
     /// (4) The bandwidth queueing factor for this slice.
-    fn solve_contention(&self, dt: f64) -> f64 {
-        let demand = |c: f64| {
-            self.pieces
-                .iter()
-                .filter(|p| p.kind == Kind::Run)
-                .map(|p| {
-                    let vm = &self.vms[p.vm];
-                    let ph = &vm.phases[vm.phase];
-                    ph.dram_bytes_per_instr * (p.end - p.start)
-                        / ph.busy_per_instr(self.freqs[p.pstate], c)
-                })
-                .sum::<f64>()
-                / dt
-        };
+    fn solve_contention(&mut self, dt: f64) -> f64 {
+        // Demand is Σ k / (a + s·c) over run pieces: precompute k, a and s once per slice.
+        self.demand_terms.clear();
+        for p in self.pieces.iter().filter(|p| p.kind == Kind::Run) {
+            let vm = &self.vms[p.vm];
+            let ph = &vm.phases[vm.phase];
+            if ph.dram_bytes_per_instr > 0.0 {
+                let f = self.freqs[p.pstate];
+                let k = ph.dram_bytes_per_instr * (p.end - p.start) / dt;
+                self.demand_terms.push((k, (ph.cpi + ph.io_cycles_per_instr) / f, ph.stall_s));
+            }
+        }
+        let terms = &self.demand_terms;
+        let demand = |c: f64| terms.iter().map(|(k, a, s)| k / (a + s * c)).sum::<f64>();
         physics::bandwidth_contention(self.class.memory_bandwidth_bytes_per_s, demand)
     }
 
@@ -817,15 +839,32 @@ impl SimHost {
                 self.bounds.extend(self.pieces.iter().map(|p| p.end));
                 self.bounds.sort_by(f64::total_cmp);
                 self.bounds.dedup_by(|a, b| (*a - *b).abs() < 1e-15);
+                let cores = self.cores.len();
+                self.cursor.clear();
+                self.cursor.extend_from_slice(&self.core_first[..cores]);
                 let mut t0 = 0.0;
                 for &t1 in &self.bounds {
                     if t1 - t0 <= 1e-15 {
                         continue;
                     }
                     let mid = 0.5 * (t0 + t1);
-                    let covering = self.pieces.iter().filter(|p| p.start <= mid && mid < p.end);
-                    let v = covering.clone().map(|p| self.volts[p.pstate]).fold(0.0, f64::max);
-                    for p in covering {
+                    // Each core's pieces tile its slice in time order: advance its cursor to the
+                    // piece covering this interval.
+                    let mut v: f64 = 0.0;
+                    for c in 0..cores {
+                        let end = self.core_first[c + 1];
+                        while self.cursor[c] + 1 < end && self.pieces[self.cursor[c]].end <= mid {
+                            self.cursor[c] += 1;
+                        }
+                        if self.cursor[c] < end {
+                            v = v.max(self.volts[self.pieces[self.cursor[c]].pstate]);
+                        }
+                    }
+                    for c in 0..cores {
+                        if self.cursor[c] >= self.core_first[c + 1] {
+                            continue;
+                        }
+                        let p = &self.pieces[self.cursor[c]];
                         let e = piece_power(p, v, &self.freqs) * (t1 - t0);
                         total += e;
                         if p.kind != Kind::Idle {
@@ -1040,3 +1079,6 @@ impl FrequencyControl for SimHost {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

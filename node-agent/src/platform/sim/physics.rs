@@ -49,29 +49,40 @@ pub fn running_activity(p: &PowerParams, stalled: f64) -> f64 {
 
 /// Solves `c = 1 / (1 − demand(c) / bandwidth)` for the bandwidth queueing factor, where
 /// `demand(c)` (bytes/s) does not increase with `c`. Returns 1 when nothing uses memory.
+///
+/// Newton's method on `h(c) = c·(1 − demand(c)/bandwidth) − 1`, which rises monotonically from
+/// `h(1) ≤ 0`, kept inside a shrinking bracket so that it can never diverge.
 pub fn bandwidth_contention(bandwidth: f64, demand: impl Fn(f64) -> f64) -> f64 {
-    let residual = |c: f64| c * (1.0 - demand(c) / bandwidth) - 1.0;
+    let h = |c: f64| c * (1.0 - demand(c) / bandwidth) - 1.0;
     if demand(1.0) <= 0.0 {
         return 1.0;
     }
-    // residual(1) < 0 and residual grows with c (demand falls, c grows): bracket, then bisect.
     let (mut lo, mut hi) = (1.0, 2.0);
-    while residual(hi) < 0.0 && hi < 1e6 {
+    while h(hi) < 0.0 && hi < 1e6 {
         lo = hi;
         hi *= 2.0;
     }
-    for _ in 0..40 {
-        let mid = 0.5 * (lo + hi);
-        if residual(mid) < 0.0 {
-            lo = mid;
-        } else {
-            hi = mid;
+    let mut c = lo;
+    for _ in 0..60 {
+        let hc = h(c);
+        if hc.abs() < 1e-12 {
+            break;
         }
-        if hi - lo < 1e-9 * hi {
+        if hc < 0.0 {
+            lo = c;
+        } else {
+            hi = c;
+        }
+        let step = 1e-7 * c;
+        let slope = (h(c + step) - hc) / step;
+        let next = c - hc / slope;
+        // Fall back to bisection whenever Newton leaves the bracket.
+        c = if slope > 0.0 && next > lo && next < hi { next } else { 0.5 * (lo + hi) };
+        if hi - lo < 1e-12 * hi {
             break;
         }
     }
-    0.5 * (lo + hi)
+    c
 }
 
 /// Max-min fair split of `capacity` among `wants` (each also capped at 1, a vCPU runs on one

@@ -49,19 +49,25 @@ fn every_member_inherits_lints_and_workspace_versions() {
 }
 
 #[test]
-fn architecture_md_names_every_crate_and_proto_module() {
+fn architecture_md_maps_every_crate_and_module() {
     let root = workspace_root();
     let arch = fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
     for member in workspace_members().unwrap() {
         assert!(arch.contains(&format!("{member}/")), "ARCHITECTURE.md does not mention {member}/");
     }
-    for file in files_with_suffix(&root.join("proto/src"), ".rs").unwrap() {
-        let module = file.file_stem().and_then(|s| s.to_str()).unwrap();
-        if module != "lib" {
-            assert!(
-                arch.contains(&format!("{module}.rs")),
-                "ARCHITECTURE.md does not map proto/src/{module}.rs"
-            );
+    for member in workspace_members().unwrap() {
+        for file in files_with_suffix(&root.join(&member).join("src"), ".rs").unwrap() {
+            let module = file.file_stem().and_then(|s| s.to_str()).unwrap();
+            if !["lib", "main"].contains(&module) {
+                let named = if module == "mod" {
+                    let dir =
+                        file.parent().and_then(|d| d.file_name()).and_then(|d| d.to_str()).unwrap();
+                    format!("{dir}/")
+                } else {
+                    format!("{module}.rs")
+                };
+                assert!(arch.contains(&named), "ARCHITECTURE.md does not map {}", file.display());
+            }
         }
     }
 }

@@ -164,8 +164,17 @@ impl HardwareClass {
             return Self::builtin(name_or_path);
         }
         let path = Path::new(name_or_path);
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ClassError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            // A bare word that is no file was meant as a built-in name: list those.
+            if source.kind() == std::io::ErrorKind::NotFound
+                && path.components().count() == 1
+                && path.extension().is_none_or(|e| e != "toml")
+            {
+                ClassError::Unknown(name_or_path.into())
+            } else {
+                ClassError::Read { path: path.into(), source }
+            }
+        })?;
         Self::parse(&text, path)
     }
 
@@ -312,7 +321,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ClassError::PStates { .. }), "{err}");
-        assert!(matches!(HardwareClass::load("no-such-class"), Err(ClassError::Read { .. })));
+        assert!(matches!(HardwareClass::load("no-such-class"), Err(ClassError::Unknown(_))));
+        assert!(matches!(HardwareClass::load("/no/such.toml"), Err(ClassError::Read { .. })));
         assert!(HardwareClass::builtin("nehalem").unwrap_err().to_string().contains("phenom-9500"));
     }
 }

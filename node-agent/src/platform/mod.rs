@@ -81,6 +81,19 @@ pub struct VmSample {
     pub finished: bool,
 }
 
+/// Where a vCPU ran during a slice.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VcpuPlacement {
+    /// The VM.
+    pub vm: VmIndex,
+    /// The vCPU within the VM.
+    pub vcpu: usize,
+    /// The core.
+    pub core: usize,
+    /// Fraction of the slice it ran there.
+    pub share: f64,
+}
+
 /// One timeslice of a host.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostSample {
@@ -94,4 +107,6 @@ pub struct HostSample {
     pub vms: Vec<VmSample>,
     /// Package energy over the slice, joules, where a meter exists.
     pub package_energy_j: Option<f64>,
+    /// Which vCPU ran on which core, for how long (a vCPU may run on two cores in one slice).
+    pub placement: Vec<VcpuPlacement>,
 }

@@ -27,7 +27,9 @@ pub use self::{
     class::{ClassError, HardwareClass, VoltageDomain},
     workload::{Workload, WorkloadError},
 };
-use super::{CoreSample, FrequencyControl, HostSample, PlatformError, VmIndex, VmSample};
+use super::{
+    CoreSample, FrequencyControl, HostSample, PlatformError, VcpuPlacement, VmIndex, VmSample,
+};
 
 /// Seconds of request arrivals a server queues before dropping (a client timeout).
 const QUEUE_S: f64 = 1.0;
@@ -1039,6 +1041,11 @@ impl SimHost {
             });
         }
         self.sample.package_energy_j = Some(package_j);
+        self.sample.placement.clear();
+        for &(core, k, share) in &self.segments {
+            let w = self.wants[k];
+            self.sample.placement.push(VcpuPlacement { vm: w.vm, vcpu: w.vcpu, core, share });
+        }
     }
 }
 

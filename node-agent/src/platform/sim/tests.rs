@@ -217,6 +217,15 @@ fn affinity_masks_are_honoured() {
     for _ in 0..50 {
         let s = h.step();
         assert!((s.cores[2].busy - 1.0).abs() < 1e-9, "core 2 should run the pinned vCPU");
+        for p in &s.placement {
+            if p.vm == 0 {
+                assert_eq!(p.core, 2, "the pinned VM ran on core {}", p.core);
+            } else {
+                assert_ne!(p.core, 2, "the free VM ran on the pinned core");
+            }
+        }
+        let pinned: f64 = s.placement.iter().filter(|p| p.vm == 0).map(|p| p.share).sum();
+        assert!((pinned - 1.0).abs() < 1e-12, "the pinned vCPU ran {pinned} of the slice");
         assert!(s.cores[2].busy + s.cores.iter().map(|c| c.busy).sum::<f64>() > 1.99);
     }
     let bad = SimHost::new(

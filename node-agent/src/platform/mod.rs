@@ -7,14 +7,15 @@
 
 pub mod sim;
 
+use serde::Serialize;
 use thiserror::Error;
-use vmgov_proto::{PStateTable, RawCounters};
+use vmgov_proto::{CounterSet, PStateTable, RawCounters};
 
 /// Index of a VM on a host (stable for the VM's lifetime on that host).
 pub type VmIndex = usize;
 
 /// Why a platform refused an operation.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum PlatformError {
     /// The core does not exist.
     #[error("core {core} does not exist (this host has {cores})")]
@@ -38,6 +39,75 @@ pub enum PlatformError {
     /// The platform cannot do this at all, and why.
     #[error("not supported on this platform: {0}")]
     Unsupported(&'static str),
+    /// Reading or writing the machine failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
+    },
+}
+
+impl PlatformError {
+    /// An I/O error while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { what: what.into(), source: std::sync::Arc::new(source) }
+    }
+}
+
+/// A VM on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmInfo {
+    /// Platform id, never reused on this host while the agent runs.
+    pub id: VmIndex,
+    /// Name (QEMU `-name guest=NAME`).
+    pub name: String,
+    /// UUID (QEMU `-uuid`), or one derived from the name where the VM has none.
+    pub uuid: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Cores its vCPUs may run on.
+    pub affinity: u64,
+}
+
+/// What a host is and what it allows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostInfo {
+    /// Which backend ("sim", "linux").
+    pub platform: &'static str,
+    /// Hardware class (what models are keyed by).
+    pub hardware_class: String,
+    /// Cores under control.
+    pub cores: usize,
+    /// The hardware's P-states.
+    pub pstates: PStateTable,
+    /// Whether a VM's vCPUs can be run at their own P-state at every vCPU switch.
+    pub per_vm_frequency: bool,
+    /// Whether a package energy meter exists.
+    pub energy_meter: bool,
+    /// Counters this host cannot measure.
+    pub unavailable: CounterSet,
+}
+
+/// A whole host, as the agent drives it: the VMs on it, one timeslice's measurements at a time,
+/// and the frequency knobs. Backends: [`sim::SimPlatform`] (lockstep with the simulator) and the
+/// Linux backend (issue #4, in progress).
+pub trait HostPlatform: FrequencyControl + Send {
+    /// What the host is.
+    fn info(&self) -> HostInfo;
+    /// The VMs present now.
+    fn vms(&mut self) -> Result<Vec<VmInfo>, PlatformError>;
+    /// Measures the timeslice that just ended (on the simulated host: runs it) and returns it.
+    fn sample(&mut self) -> Result<&HostSample, PlatformError>;
+    /// Restricts a VM's vCPUs to `mask` (the `pin` arbiter policy).
+    fn set_vm_affinity(&mut self, vm: VmIndex, mask: u64) -> Result<(), PlatformError>;
+    /// Puts back every frequency, governor and affinity the agent changed.
+    fn restore(&mut self) -> Result<(), PlatformError>;
+    /// True when time advances only when [`Self::sample`] is called (the simulated host), so the
+    /// agent need not wait for the wall clock between slices.
+    fn lockstep(&self) -> bool;
 }
 
 /// Per-core and per-VM frequency control.

@@ -15,6 +15,7 @@
 
 pub mod class;
 pub mod physics;
+mod platform;
 pub mod workload;
 
 use rand::SeedableRng;
@@ -25,6 +26,7 @@ use vmgov_proto::{PStateTable, RawCounters};
 
 pub use self::{
     class::{ClassError, HardwareClass, VoltageDomain},
+    platform::SimPlatform,
     workload::{Workload, WorkloadError},
 };
 use super::{
@@ -387,7 +389,6 @@ impl SimHost {
         let freqs: Vec<f64> = table.as_slice().iter().map(|p| p.frequency_hz).collect();
         let volts: Vec<f64> = table.as_slice().iter().map(|p| p.voltage_v.unwrap_or(1.0)).collect();
         let f_max = table.max_frequency_hz();
-        let all_cores = if class.cores == 64 { u64::MAX } else { (1u64 << class.cores) - 1 };
         if !(config.timeslice_s.is_finite()
             && config.timeslice_s > 0.0
             && config.timeslice_s <= 1.0)
@@ -399,43 +400,7 @@ impl SimHost {
         }
         let mut rts = Vec::with_capacity(vms.len());
         for spec in vms {
-            spec.workload.validate()?;
-            let err = |problem: String| SimError::Vm { vm: spec.name.clone(), problem };
-            if spec.vcpus == 0 || spec.vcpus > 64 {
-                return Err(err(format!("{} vCPUs; a VM has 1 to 64", spec.vcpus)));
-            }
-            let affinity = spec.affinity.unwrap_or(all_cores) & all_cores;
-            if affinity == 0 {
-                return Err(err(format!(
-                    "affinity {:#x} names no core of this {}-core host",
-                    spec.affinity.unwrap_or(0),
-                    class.cores
-                )));
-            }
-            let phases = spec
-                .workload
-                .phases
-                .iter()
-                .map(|p| PhaseRt::compile(p, f_max, spec.vcpus, &spec.name))
-                .collect::<Result<Vec<_>, _>>()?;
-            let first_core = affinity.trailing_zeros() as usize;
-            rts.push(VmRt {
-                vcpus: spec.vcpus as usize,
-                affinity,
-                phases,
-                phase: 0,
-                phase_done: 0.0,
-                follow: None,
-                vcpu_core: vec![first_core; spec.vcpus as usize],
-                backlog_instr: 0.0,
-                acc: StepAcc::default(),
-                carry: [0.0; 4],
-                truth: VmTruth {
-                    name: spec.name,
-                    workload: spec.workload.name,
-                    ..VmTruth::default()
-                },
-            });
+            rts.push(Self::compile_vm(spec, f_max, class.cores)?);
         }
         let top = table.max_index();
         let cores = (0..class.cores)
@@ -473,6 +438,65 @@ impl SimHost {
             demand_terms: Vec::new(),
             sample: HostSample::default(),
         })
+    }
+
+    fn compile_vm(spec: VmSpec, f_max: f64, cores: usize) -> Result<VmRt, SimError> {
+        spec.workload.validate()?;
+        let all_cores = if cores == 64 { u64::MAX } else { (1u64 << cores) - 1 };
+        let err = |problem: String| SimError::Vm { vm: spec.name.clone(), problem };
+        if spec.vcpus == 0 || spec.vcpus > 64 {
+            return Err(err(format!("{} vCPUs; a VM has 1 to 64", spec.vcpus)));
+        }
+        let affinity = spec.affinity.unwrap_or(all_cores) & all_cores;
+        if affinity == 0 {
+            return Err(err(format!(
+                "affinity {:#x} names no core of this {cores}-core host",
+                spec.affinity.unwrap_or(0)
+            )));
+        }
+        let phases = spec
+            .workload
+            .phases
+            .iter()
+            .map(|p| PhaseRt::compile(p, f_max, spec.vcpus, &spec.name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let first_core = affinity.trailing_zeros() as usize;
+        Ok(VmRt {
+            vcpus: spec.vcpus as usize,
+            affinity,
+            phases,
+            phase: 0,
+            phase_done: 0.0,
+            follow: None,
+            vcpu_core: vec![first_core; spec.vcpus as usize],
+            backlog_instr: 0.0,
+            acc: StepAcc::default(),
+            carry: [0.0; 4],
+            truth: VmTruth { name: spec.name, workload: spec.workload.name, ..VmTruth::default() },
+        })
+    }
+
+    /// Starts a VM on the running host (it appears, as a VM does when QEMU starts).
+    pub fn add_vm(&mut self, spec: VmSpec) -> Result<VmIndex, SimError> {
+        let vm = Self::compile_vm(spec, self.table.max_frequency_hz(), self.cores.len())?;
+        self.vms.push(vm);
+        Ok(self.vms.len() - 1)
+    }
+
+    /// A VM's name, vCPUs and affinity.
+    pub fn vm_spec(&self, vm: VmIndex) -> Option<(&str, usize, u64)> {
+        self.vms.get(vm).map(|v| (v.truth.name.as_str(), v.vcpus, v.affinity))
+    }
+
+    /// Restricts a VM's vCPUs to the cores in `mask`.
+    pub fn set_vm_affinity(&mut self, vm: VmIndex, mask: u64) -> Result<(), PlatformError> {
+        let cores = self.cores.len();
+        let all = if cores == 64 { u64::MAX } else { (1u64 << cores) - 1 };
+        if mask & all == 0 {
+            return Err(PlatformError::NoSuchCore { core: mask.trailing_zeros() as usize, cores });
+        }
+        self.vms.get_mut(vm).ok_or(PlatformError::NoSuchVm(vm))?.affinity = mask & all;
+        Ok(())
     }
 
     /// The hardware class.

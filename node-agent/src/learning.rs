@@ -6,9 +6,15 @@
 //! like with like (the same program phase, minutes apart at most), which a single reference
 //! measured at the start could not. The reference slices are labelled too (ratios near 1), so
 //! every P-state including f_max has samples. The first slice after every switch is discarded:
-//! it straddles the transition.
+//! it straddles the transition. A measured window whose two references disagree by more than
+//! [`PHASE_CHANGE`] is discarded too: the program changed phase in between, and no reference
+//! compares like with like.
 
 use vmgov_proto::{Ratios, RawCounters};
+
+/// Relative difference between the references before and after a window beyond which the
+/// window is discarded as straddling a phase change.
+pub const PHASE_CHANGE: f64 = 0.15;
 
 /// How to sweep.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -99,6 +105,8 @@ pub struct Sweep {
     reference: Vec<Observation>,
     measured: Vec<Observation>,
     measured_pstate: usize,
+    /// Measured windows discarded because the program changed phase.
+    pub discarded_windows: u64,
 }
 
 impl Sweep {
@@ -117,6 +125,7 @@ impl Sweep {
             reference: Vec::new(),
             measured: Vec::new(),
             measured_pstate: 0,
+            discarded_windows: 0,
         }
     }
 
@@ -174,20 +183,28 @@ impl Sweep {
                     labels: label(o, now),
                     observation: o.clone(),
                 }));
-                let both = match mean(&self.previous_reference) {
-                    Some(before) => Means {
-                        ips: 0.5 * (before.ips + now.ips),
-                        watts: 0.5 * (before.watts + now.watts),
-                        net_bytes_per_s: 0.5 * (before.net_bytes_per_s + now.net_bytes_per_s),
-                    },
-                    None => now,
-                };
+                let before = mean(&self.previous_reference);
+                let steady = before.is_none_or(|b| {
+                    (b.ips - now.ips).abs() <= PHASE_CHANGE * b.ips.max(now.ips)
+                        && (b.net_bytes_per_s - now.net_bytes_per_s).abs()
+                            <= PHASE_CHANGE * b.net_bytes_per_s.max(now.net_bytes_per_s)
+                });
+                let both = before.map_or(now, |b| Means {
+                    ips: 0.5 * (b.ips + now.ips),
+                    watts: 0.5 * (b.watts + now.watts),
+                    net_bytes_per_s: 0.5 * (b.net_bytes_per_s + now.net_bytes_per_s),
+                });
                 let p = self.measured_pstate;
-                out.extend(self.measured.drain(..).map(|o| Labelled {
-                    pstate: p,
-                    labels: label(&o, both),
-                    observation: o,
-                }));
+                if steady {
+                    out.extend(self.measured.drain(..).map(|o| Labelled {
+                        pstate: p,
+                        labels: label(&o, both),
+                        observation: o,
+                    }));
+                } else if !self.measured.is_empty() {
+                    self.measured.clear();
+                    self.discarded_windows += 1;
+                }
             }
             self.previous_reference = std::mem::take(&mut self.reference);
         } else {
@@ -264,6 +281,26 @@ mod tests {
                 l.pstate,
                 l.labels.perf
             );
+        }
+    }
+
+    #[test]
+    fn a_window_across_a_phase_change_is_discarded() {
+        let plan = SweepPlan { pstates: 3, dwell_slices: 5, reference_slices: 3 };
+        let mut s = Sweep::new(plan);
+        let mut labelled = Vec::new();
+        for i in 0..30 {
+            // The program doubles its speed at slice 5, inside the first measured window.
+            let speed = if i < 5 { 1e9 } else { 2e9 };
+            #[allow(clippy::cast_precision_loss, reason = "small")]
+            let f = (s.pstate() + 1) as f64 / 3.0;
+            labelled.extend(s.observe(obs(speed * f, 10.0)));
+        }
+        assert_eq!(s.discarded_windows, 1);
+        for l in labelled.iter().filter(|l| l.pstate < 2) {
+            #[allow(clippy::cast_precision_loss, reason = "small")]
+            let f = (l.pstate + 1) as f64 / 3.0;
+            assert!((l.labels.perf - f).abs() < 1e-6, "P{} labelled {}", l.pstate, l.labels.perf);
         }
     }
 

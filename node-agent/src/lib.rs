@@ -10,10 +10,13 @@
 //! [`vmgov_proto`]'s model core every timeslice. The binary says so plainly when asked to run
 //! as an agent.
 
+pub mod agent;
 pub mod arbiter;
 pub mod calibration;
+pub mod config;
 pub mod fastpath;
 pub mod governor;
 pub mod learning;
 pub mod platform;
+pub mod run;
 pub mod simulate;

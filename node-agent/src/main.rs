@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmgov_agent::{
     calibration,
+    config::{AgentConfig, LearningConfig, PlatformKind},
     governor::GovernorKind,
     platform::sim::{HardwareClass, SimConfig, VmSpec, Workload, class, workload},
     simulate::{self, Policy, Scenario},
@@ -23,12 +24,73 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: measure every VM each timeslice, predict, decide and set frequencies.
+    Run(RunArgs),
     /// Run workloads on the simulated host under a governor, fixed P-states or the oracle, and
     /// print the ground truth (runtime or throughput, energy, power, frequency residency).
     Simulate(SimulateArgs),
     /// Print the calibration tables of docs/calibration.md for a class: every workload alone at
     /// every P-state and under the oracle at thresholds 70% and 40%, next to the report's figures.
     Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (TOML); flags override it.
+    #[arg(long, env = "VMGOV_AGENT_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Platform backend.
+    #[arg(long, value_enum, env = "VMGOV_AGENT_PLATFORM")]
+    platform: Option<PlatformArg>,
+    /// Shadow mode: decide and log what would be set, never change a frequency.
+    #[arg(long)]
+    dry_run: bool,
+    /// Write one JSON line per VM per timeslice (counter deltas, features, decision) to FILE, or
+    /// `-` for standard output.
+    #[arg(long, value_name = "FILE|-")]
+    emit_samples: Option<String>,
+    /// How per-VM choices become per-core frequencies: follow, pin or max.
+    #[arg(long)]
+    arbiter: Option<vmgov_agent::arbiter::ArbiterPolicy>,
+    /// Governor for VMs without a valid model or thresholds.
+    #[arg(long)]
+    fallback_governor: Option<GovernorKind>,
+    /// What decisions minimise: energy (default), power (the report's equation 9) or edp.
+    #[arg(long)]
+    objective: Option<vmgov_proto::Objective>,
+    /// Timeslice in milliseconds.
+    #[arg(long)]
+    timeslice_ms: Option<f64>,
+    /// Model file (JSON) to start with.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Thresholds for every VM without its own, as PERF,THROUGHPUT fractions (0.7,0.7).
+    #[arg(long, value_parser = parse_pair)]
+    thresholds: Option<(f64, f64)>,
+    /// Start in learning mode (sweep the P-states, label the slices).
+    #[arg(long)]
+    learn: bool,
+    /// Simulated host: hardware class (built-in name or file).
+    #[arg(long)]
+    class: Option<String>,
+    /// Simulated host: a workload per VM (repeat).
+    #[arg(long = "workload", short = 'w')]
+    workloads: Vec<String>,
+    /// Simulated host: scale every workload's length.
+    #[arg(long)]
+    scale: Option<f64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlatformArg {
+    Sim,
+    Linux,
+}
+
+fn parse_pair(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) =
+        s.split_once(',').ok_or_else(|| format!("{s:?}: write PERF,THROUGHPUT, e.g. 0.7,0.7"))?;
+    Ok((parse_fraction(a)?, parse_fraction(b)?))
 }
 
 #[derive(Args)]
@@ -112,6 +174,111 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+fn agent_config(args: &RunArgs) -> anyhow::Result<AgentConfig> {
+    let mut c = match &args.config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(p) = args.platform {
+        c.platform = match p {
+            PlatformArg::Sim => PlatformKind::Sim,
+            PlatformArg::Linux => PlatformKind::Linux,
+        };
+    }
+    c.dry_run |= args.dry_run;
+    if let Some(e) = &args.emit_samples {
+        c.emit_samples = Some(e.clone());
+    }
+    if let Some(a) = args.arbiter {
+        c.arbiter = a;
+    }
+    if let Some(g) = args.fallback_governor {
+        c.fallback_governor = g.name().to_owned();
+    }
+    if let Some(o) = args.objective {
+        c.objective = o;
+    }
+    if let Some(t) = args.timeslice_ms {
+        c.timeslice_ms = t;
+    }
+    if let Some(m) = &args.model {
+        c.model = Some(m.clone());
+    }
+    if let Some((perf, thrp)) = args.thresholds {
+        c.thresholds.default = Some(Thresholds::new(perf, thrp)?);
+    }
+    if args.learn && c.learning.is_none() {
+        c.learning = Some(LearningConfig::default());
+    }
+    if let Some(class) = &args.class {
+        c.sim.class = class.clone();
+    }
+    if !args.workloads.is_empty() {
+        c.sim.workloads = args.workloads.clone();
+    }
+    if let Some(s) = args.scale {
+        c.sim.scale = s;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn run_cmd(args: &RunArgs) -> anyhow::Result<()> {
+    let config = agent_config(args)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if config.platform == PlatformKind::Sim && config.sim.workloads.is_empty() {
+        bail!(
+            "the simulated host has no VMs: give workloads with -w NAME (see `vmgov-agent simulate --list`)"
+        );
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let finished = runtime.block_on(vmgov_agent::run::run(&config, shutdown_signal()))?;
+    let s = &finished.status;
+    eprintln!(
+        "vmgov-agent: stopped after {} slices ({:.2} s of host time); {} labelled samples; {} sample lines dropped",
+        s.slices, s.time_s, s.labelled_samples, s.samples_dropped
+    );
+    if let Some(mut platform) = finished.platform
+        && let Some(sim) =
+            platform.as_any_mut().downcast_mut::<vmgov_agent::platform::sim::SimPlatform>()
+    {
+        let report = sim.host().report();
+        let pstates_hz = sim.host().class().pstates.iter().map(|p| p.frequency_hz).collect();
+        let outcome = simulate::Outcome {
+            policy: "vmgov-agent".into(),
+            completed: sim.host().all_finished(),
+            steps: s.slices,
+            pstates_hz,
+            report,
+        };
+        print!("{}", simulate::render(&outcome));
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,13 +291,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Some(Command::Run(args)) => run_cmd(&args),
         Some(Command::Simulate(args)) => simulate_cmd(&args),
         Some(Command::Calibrate(args)) => calibrate_cmd(&args),
-        None => bail!(
-            "running as an agent is not implemented yet: the actor tree, the Linux backends and \
-             the coordinator link arrive with issue #4. `vmgov-agent simulate --help` runs \
-             workloads on the simulated host."
-        ),
+        None => bail!("choose a command: run, simulate or calibrate (see --help)"),
     }
 }
 

@@ -16,7 +16,7 @@ use serde::Serialize;
 use thiserror::Error;
 use vmgov_proto::PStateTable;
 
-use crate::platform::{FrequencyControl, HostSample, PlatformError};
+use crate::platform::{FrequencyControl, HostSample, PlatformError, VmIndex};
 
 /// The baseline governors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -131,6 +131,19 @@ impl Baseline {
         ctl: &mut dyn FrequencyControl,
     ) -> Result<(), PlatformError> {
         let table = ctl.pstates().clone();
+        let plan = self.plan(sample, &table);
+        for (core, &p) in plan.cores.iter().enumerate() {
+            ctl.set_core_pstate(core, p)?;
+        }
+        for &(vm, p) in &plan.vms {
+            ctl.set_vm_pstate(vm, Some(p))?;
+        }
+        Ok(())
+    }
+
+    /// What the governor would set after `sample`, without setting it: a P-state per core, and
+    /// per VM for the per-VM governor (cpu-load).
+    pub fn plan(&mut self, sample: &HostSample, table: &PStateTable) -> GovernorPlan {
         let top = table.max_index();
         let f_max = table.max_frequency_hz();
         let f_min = table.as_slice()[0].frequency_hz;
@@ -138,10 +151,16 @@ impl Baseline {
             self.requested_hz = vec![f_max; sample.cores.len()];
         }
         if self.kind == GovernorKind::CpuLoad {
-            return self.update_cpu_load(sample, ctl, &table);
+            return GovernorPlan {
+                cores: vec![0; sample.cores.len()],
+                vms: self.plan_cpu_load(sample, table),
+            };
         }
-        for (core, c) in sample.cores.iter().enumerate() {
-            let pstate = match self.kind {
+        let cores = sample
+            .cores
+            .iter()
+            .enumerate()
+            .map(|(core, c)| match self.kind {
                 GovernorKind::Performance => {
                     if c.busy > 0.0 {
                         top
@@ -149,12 +168,12 @@ impl Baseline {
                         0
                     }
                 }
-                GovernorKind::Powersave => 0,
+                GovernorKind::Powersave | GovernorKind::CpuLoad => 0,
                 GovernorKind::Ondemand => {
                     if c.busy > UP_THRESHOLD {
                         top
                     } else {
-                        closest(&table, f_min + c.busy * (f_max - f_min))
+                        closest(table, f_min + c.busy * (f_max - f_min))
                     }
                 }
                 GovernorKind::Conservative => {
@@ -164,49 +183,51 @@ impl Baseline {
                     } else if c.busy < DOWN_THRESHOLD {
                         *r = (*r - FREQ_STEP * f_max).max(f_min);
                     }
-                    lowest_at_or_above(&table, *r)
+                    lowest_at_or_above(table, *r)
                 }
                 GovernorKind::Schedutil => {
                     let util = c.busy * c.mean_frequency_hz / f_max;
-                    lowest_at_or_above(&table, SCHEDUTIL_HEADROOM * f_max * util)
+                    lowest_at_or_above(table, SCHEDUTIL_HEADROOM * f_max * util)
                 }
-                // Per VM, in update_cpu_load; idle time at the lowest P-state.
-                GovernorKind::CpuLoad => 0,
-            };
-            ctl.set_core_pstate(core, pstate)?;
-        }
-        Ok(())
+            })
+            .collect();
+        GovernorPlan { cores, vms: Vec::new() }
     }
 
     /// cpu-load: a VM's load is its busiest vCPU's busy fraction; scaled to f_max it says how
     /// much capacity the VM uses, and the VM gets the lowest P-state that still provides it. A
     /// memory-bound VM looks fully busy and so stays at f_max: the flaw the report points out.
-    fn update_cpu_load(
-        &mut self,
-        sample: &HostSample,
-        ctl: &mut dyn FrequencyControl,
-        table: &PStateTable,
-    ) -> Result<(), PlatformError> {
+    fn plan_cpu_load(&mut self, sample: &HostSample, table: &PStateTable) -> Vec<(VmIndex, usize)> {
         let top = table.max_index();
-        for vm in &sample.vms {
-            if self.vm_pstate.len() <= vm.vm {
-                self.vm_pstate.resize(vm.vm + 1, top);
-            }
-            let pstate = if vm.max_vcpu_busy >= CPU_LOAD_SATURATED {
-                top
-            } else {
-                let ran_hz =
-                    table.frequency_hz(self.vm_pstate[vm.vm]).unwrap_or(table.max_frequency_hz());
-                lowest_at_or_above(table, vm.max_vcpu_busy * ran_hz)
-            };
-            self.vm_pstate[vm.vm] = pstate;
-            ctl.set_vm_pstate(vm.vm, Some(pstate))?;
-        }
-        for core in 0..sample.cores.len() {
-            ctl.set_core_pstate(core, 0)?;
-        }
-        Ok(())
+        sample
+            .vms
+            .iter()
+            .map(|vm| {
+                if self.vm_pstate.len() <= vm.vm {
+                    self.vm_pstate.resize(vm.vm + 1, top);
+                }
+                let pstate = if vm.max_vcpu_busy >= CPU_LOAD_SATURATED {
+                    top
+                } else {
+                    let ran_hz = table
+                        .frequency_hz(self.vm_pstate[vm.vm])
+                        .unwrap_or(table.max_frequency_hz());
+                    lowest_at_or_above(table, vm.max_vcpu_busy * ran_hz)
+                };
+                self.vm_pstate[vm.vm] = pstate;
+                (vm.vm, pstate)
+            })
+            .collect()
     }
+}
+
+/// What a governor would set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GovernorPlan {
+    /// A P-state per core.
+    pub cores: Vec<usize>,
+    /// Per-VM P-states (cpu-load only).
+    pub vms: Vec<(VmIndex, usize)>,
 }
 
 #[cfg(test)]

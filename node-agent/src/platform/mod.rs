@@ -108,6 +108,8 @@ pub trait HostPlatform: FrequencyControl + Send {
     /// True when time advances only when [`Self::sample`] is called (the simulated host), so the
     /// agent need not wait for the wall clock between slices.
     fn lockstep(&self) -> bool;
+    /// The concrete backend, for callers that know it (the lab reads the simulator's truth).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 /// Per-core and per-VM frequency control.

@@ -285,6 +285,8 @@ struct StepAcc {
 
 #[derive(Debug, Clone)]
 struct VmRt {
+    /// Host time at which the VM appears, seconds.
+    start_s: f64,
     vcpus: usize,
     affinity: u64,
     phases: Vec<PhaseRt>,
@@ -462,6 +464,7 @@ impl SimHost {
             .collect::<Result<Vec<_>, _>>()?;
         let first_core = affinity.trailing_zeros() as usize;
         Ok(VmRt {
+            start_s: 0.0,
             vcpus: spec.vcpus as usize,
             affinity,
             phases,
@@ -478,9 +481,20 @@ impl SimHost {
 
     /// Starts a VM on the running host (it appears, as a VM does when QEMU starts).
     pub fn add_vm(&mut self, spec: VmSpec) -> Result<VmIndex, SimError> {
-        let vm = Self::compile_vm(spec, self.table.max_frequency_hz(), self.cores.len())?;
+        self.add_vm_at(spec, self.time_s)
+    }
+
+    /// Adds a VM that appears at host time `start_s` (seconds).
+    pub fn add_vm_at(&mut self, spec: VmSpec, start_s: f64) -> Result<VmIndex, SimError> {
+        let mut vm = Self::compile_vm(spec, self.table.max_frequency_hz(), self.cores.len())?;
+        vm.start_s = start_s;
         self.vms.push(vm);
         Ok(self.vms.len() - 1)
+    }
+
+    /// True once VM `vm` has appeared (and also after it finished).
+    pub fn vm_started(&self, vm: VmIndex) -> bool {
+        self.vms.get(vm).is_some_and(|v| v.start_s <= self.time_s + 1e-12)
     }
 
     /// A VM's name, vCPUs and affinity.
@@ -636,8 +650,9 @@ impl SimHost {
     /// (1) How much of the slice each busy vCPU wants.
     fn collect_wants(&mut self, dt: f64) {
         self.wants.clear();
+        let now = self.time_s + 1e-12;
         for (i, vm) in self.vms.iter().enumerate() {
-            if vm.finished() {
+            if vm.finished() || vm.start_s > now {
                 continue;
             }
             let ph = &vm.phases[vm.phase];
@@ -923,7 +938,7 @@ impl SimHost {
     fn finish_step(&mut self, dt: f64) {
         let now = self.time_s;
         for vm in &mut self.vms {
-            if vm.finished() {
+            if vm.finished() || vm.start_s > now - dt + 1e-12 {
                 continue;
             }
             let ph = &vm.phases[vm.phase];
@@ -991,7 +1006,11 @@ impl SimHost {
             });
         }
         self.sample.vms.clear();
+        let started = self.time_s - dt + 1e-12;
         for (i, vm) in self.vms.iter_mut().enumerate() {
+            if vm.start_s > started {
+                continue;
+            }
             let acc = &vm.acc;
             let ph = &vm.phases[acc.phase];
             let mut noisy = |x: f64| -> u64 {

@@ -75,7 +75,7 @@ impl HostPlatform for SimPlatform {
 
     fn vms(&mut self) -> Result<Vec<VmInfo>, PlatformError> {
         Ok((0..self.host.vm_count())
-            .filter(|&vm| !self.host.vm_finished(vm))
+            .filter(|&vm| self.host.vm_started(vm) && !self.host.vm_finished(vm))
             .filter_map(|vm| {
                 self.host.vm_spec(vm).map(|(name, vcpus, affinity)| VmInfo {
                     id: vm,
@@ -109,5 +109,9 @@ impl HostPlatform for SimPlatform {
 
     fn lockstep(&self) -> bool {
         true
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }

@@ -1,0 +1,495 @@
+//! The host loop: the agent's sampler and arbiter, one actor that owns the timeslice.
+//!
+//! Every slice: measure (the platform's `sample`), notice VMs that appeared or went, ask every
+//! VM actor for its choice at once, run the fallback governor for VMs without one, arbitrate,
+//! and apply what changed (or, in dry-run, log what would have been set). In learning mode the
+//! sweep sets the P-state instead and the slices come out labelled. Nothing here waits on the
+//! network or the disk: samples leave through the emitter's queue, status through a watch
+//! channel.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use futures::future::join_all;
+use ractor::{Actor, ActorProcessingErr, ActorRef, rpc::CallResult};
+use tokio::{sync::watch, time::Instant};
+use vmgov_proto::features;
+
+use super::{
+    AgentStatus, Shared, VmStatus, emit::SampleLine, supervisor::SupervisorMsg, vm_actor::VmMsg,
+};
+use crate::{
+    arbiter::{self, Actuation, Inputs, VmInput},
+    fastpath::VmChoice,
+    governor::Baseline,
+    learning::{Observation, Sweep},
+    platform::{HostPlatform, HostSample, PlatformError, VmIndex, VmInfo},
+};
+
+/// Messages to the host loop.
+#[derive(Debug)]
+pub(super) enum LoopMsg {
+    /// Run one timeslice.
+    Tick,
+    /// The supervisor restarted a VM's actor.
+    VmRestarted(VmIndex, ActorRef<VmMsg>),
+    /// The active model's version changed (for status).
+    ModelVersion(Option<u64>),
+    /// Fails the actor, for supervision tests.
+    #[doc(hidden)]
+    InjectFault,
+}
+
+/// What the supervisor hands a (re)started host loop.
+#[derive(Debug)]
+pub(super) struct LoopArgs {
+    /// Shared platform and settings.
+    pub shared: Arc<Shared>,
+    /// The supervisor.
+    pub supervisor: ActorRef<SupervisorMsg>,
+    /// VM actors already running (after a restart of the loop).
+    pub vms: BTreeMap<VmIndex, (VmInfo, ActorRef<VmMsg>)>,
+    /// Where status goes.
+    pub status: watch::Sender<AgentStatus>,
+    /// Active model version.
+    pub model_version: Option<u64>,
+}
+
+/// A learning run: the host's P-state schedule and a sweep per VM swept.
+struct Learning {
+    schedule: Sweep,
+    plan: crate::learning::SweepPlan,
+    vms: BTreeMap<VmIndex, Sweep>,
+    joined: bool,
+}
+
+struct Entry {
+    info: VmInfo,
+    actor: ActorRef<VmMsg>,
+    last: Option<VmChoice>,
+}
+
+/// The actor.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HostLoop;
+
+/// Its state.
+pub(super) struct LoopState {
+    shared: Arc<Shared>,
+    supervisor: ActorRef<SupervisorMsg>,
+    vms: BTreeMap<VmIndex, Entry>,
+    status: watch::Sender<AgentStatus>,
+    governor: Baseline,
+    applied: Actuation,
+    sweep: Option<Learning>,
+    labelled: u64,
+    slices: u64,
+    next_deadline: Option<Instant>,
+    model_version: Option<u64>,
+    time_s: f64,
+}
+
+impl std::fmt::Debug for LoopState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopState")
+            .field("slices", &self.slices)
+            .field("vms", &self.vms.len())
+            .finish()
+    }
+}
+
+impl Actor for HostLoop {
+    type Msg = LoopMsg;
+    type State = LoopState;
+    type Arguments = LoopArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let settings = &args.shared.settings;
+        let sweep = settings.learning.map(|l| Learning {
+            schedule: Sweep::new(l.plan),
+            plan: l.plan,
+            vms: BTreeMap::new(),
+            joined: false,
+        });
+        let previous = args.status.borrow().clone();
+        myself.send_message(LoopMsg::Tick)?;
+        Ok(LoopState {
+            governor: Baseline::new(settings.fallback),
+            supervisor: args.supervisor,
+            vms: args
+                .vms
+                .into_iter()
+                .map(|(id, (info, actor))| (id, Entry { info, actor, last: None }))
+                .collect(),
+            status: args.status,
+            applied: Actuation::default(),
+            sweep,
+            labelled: previous.labelled_samples,
+            slices: previous.slices,
+            next_deadline: None,
+            model_version: args.model_version,
+            time_s: previous.time_s,
+            shared: args.shared,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            LoopMsg::Tick => {
+                let keep_going = state.tick().await?;
+                if keep_going {
+                    state.schedule_next(&myself)?;
+                } else {
+                    tracing::info!(
+                        slices = state.slices,
+                        "nothing left to run; the host loop stops"
+                    );
+                    myself.stop(Some("finished".into()));
+                }
+            }
+            LoopMsg::VmRestarted(vm, actor) => {
+                if let Some(e) = state.vms.get_mut(&vm) {
+                    e.actor = actor;
+                }
+            }
+            LoopMsg::ModelVersion(v) => state.model_version = v,
+            LoopMsg::InjectFault => return Err("fault injected into the host loop".into()),
+        }
+        Ok(())
+    }
+}
+
+impl LoopState {
+    fn schedule_next(&mut self, myself: &ActorRef<LoopMsg>) -> Result<(), ActorProcessingErr> {
+        if self.shared.lockstep {
+            myself.send_message(LoopMsg::Tick)?;
+            return Ok(());
+        }
+        // Real clock: keep the cadence, whatever a slice cost.
+        let period = Duration::from_secs_f64(self.shared.settings.timeslice_s);
+        let now = Instant::now();
+        let next = self.next_deadline.map_or(now + period, |d| d + period).max(now);
+        self.next_deadline = Some(next);
+        myself.send_after(next - now, || LoopMsg::Tick);
+        Ok(())
+    }
+
+    /// One timeslice. Returns false when the run is over.
+    async fn tick(&mut self) -> Result<bool, ActorProcessingErr> {
+        let shared = Arc::clone(&self.shared);
+        let settings = &shared.settings;
+        let mut platform = shared.platform.lock().await;
+        if let Some(max) = settings.max_slices
+            && self.slices >= max
+        {
+            return Ok(false);
+        }
+        // Learning: the sweep sets every core for the slice about to run.
+        if let Some(sweep) = &self.sweep {
+            let p = sweep.schedule.pstate();
+            if !settings.dry_run {
+                for core in 0..platform.core_count() {
+                    platform.set_core_pstate(core, p)?;
+                }
+                for &vm in self.vms.keys() {
+                    platform.set_vm_pstate(vm, None)?;
+                }
+            }
+        }
+        let sample = platform.sample()?.clone();
+        self.slices += 1;
+        self.time_s += sample.timeslice_s;
+        self.discover(platform.as_mut()).await?;
+        if self.vms.is_empty() && platform.lockstep() && settings.stop_when_idle {
+            self.publish(&sample, true);
+            return Ok(false);
+        }
+        if self.sweep.is_some() {
+            self.learn(&sample);
+        } else {
+            self.decide(&sample, platform.as_mut()).await?;
+        }
+        self.publish(&sample, false);
+        Ok(true)
+    }
+
+    /// Spawns actors for VMs that appeared and stops those of VMs that went.
+    async fn discover(
+        &mut self,
+        platform: &mut dyn HostPlatform,
+    ) -> Result<(), ActorProcessingErr> {
+        let present = platform.vms()?;
+        let gone: Vec<VmIndex> =
+            self.vms.keys().copied().filter(|id| !present.iter().any(|v| v.id == *id)).collect();
+        for id in gone {
+            if let Some(e) = self.vms.remove(&id) {
+                tracing::info!(vm = %e.info.name, uuid = %e.info.uuid, "VM gone; stopping its actor");
+                self.supervisor.send_message(SupervisorMsg::StopVm(id))?;
+            }
+        }
+        for info in present {
+            if self.vms.contains_key(&info.id) {
+                continue;
+            }
+            tracing::info!(vm = %info.name, uuid = %info.uuid, vcpus = info.vcpus, "VM found; starting its actor");
+            let reply = self
+                .supervisor
+                .call(|r| SupervisorMsg::SpawnVm(info.clone(), r), Some(Duration::from_secs(10)))
+                .await?;
+            match reply {
+                CallResult::Success(Ok(actor)) => {
+                    self.vms.insert(info.id, Entry { info, actor, last: None });
+                }
+                CallResult::Success(Err(e)) => {
+                    tracing::warn!(vm = %info.name, error = %e, "could not start the VM's actor; will retry")
+                }
+                CallResult::Timeout | CallResult::SenderError => {
+                    tracing::warn!(vm = %info.name, "the supervisor did not answer; will retry");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fast path for every VM, the fallback governor, the arbiter, the actuation.
+    async fn decide(
+        &mut self,
+        sample: &HostSample,
+        platform: &mut dyn HostPlatform,
+    ) -> Result<(), PlatformError> {
+        let settings = &self.shared.settings;
+        let timeout = Duration::from_secs_f64((settings.timeslice_s / 2.0).max(0.001));
+        let timeout = if self.shared.lockstep { Duration::from_secs(5) } else { timeout };
+        let asks =
+            self.vms.iter().filter_map(|(id, e)| {
+                let s = sample.vms.iter().find(|s| s.vm == *id)?;
+                let counters = Box::new(s.counters.clone());
+                Some(async move {
+                    (*id, e.actor.call(|r| VmMsg::Tick(counters, r), Some(timeout)).await)
+                })
+            });
+        for (id, answer) in join_all(asks).await {
+            let choice = match answer {
+                Ok(CallResult::Success(c)) => Some(c),
+                // A VM actor that is restarting or late: its VM runs on the fallback governor
+                // this slice.
+                _ => None,
+            };
+            if let Some(e) = self.vms.get_mut(&id) {
+                let changed = match (&e.last, &choice) {
+                    (Some(a), Some(b)) => a.pstate != b.pstate || a.fallback != b.fallback,
+                    (None, None) => false,
+                    _ => true,
+                };
+                if changed {
+                    log_choice(&e.info, choice.as_ref(), platform.pstates(), settings.dry_run);
+                }
+                e.last = choice;
+            }
+        }
+        let table = platform.pstates().clone();
+        let fallback = self.governor.plan(sample, &table);
+        let vms: Vec<VmInput> = self
+            .vms
+            .iter()
+            .map(|(id, e)| VmInput {
+                vm: *id,
+                vcpus: e.info.vcpus as usize,
+                affinity: e.info.affinity,
+                choice: e.last.as_ref().and_then(|c| c.pstate),
+            })
+            .collect();
+        let busy: Vec<f64> = sample.cores.iter().map(|c| c.busy).collect();
+        let mut actuation = arbiter::arbitrate(
+            settings.arbiter,
+            &Inputs {
+                vms: &vms,
+                fallback: &fallback.cores,
+                busy: &busy,
+                placement: &sample.placement,
+            },
+        );
+        // A per-VM fallback governor (cpu-load) speaks per VM too.
+        for (vm, p) in &fallback.vms {
+            if let Some(slot) =
+                actuation.vm_pstates.iter_mut().find(|(v, c)| v == vm && c.is_none())
+            {
+                slot.1 = Some(*p);
+            }
+        }
+        if !settings.dry_run {
+            apply(platform, &self.applied, &actuation)?;
+        }
+        self.applied = actuation;
+        Ok(())
+    }
+
+    /// Learning mode: label the slice and hand the labelled samples out.
+    fn learn(&mut self, sample: &HostSample) {
+        let Some(learning) = self.sweep.as_mut() else { return };
+        if !learning.joined {
+            // The VMs present when learning starts are swept; VMs that appear later wait for
+            // the next learning run, since their windows would not line up.
+            learning.vms = sample.vms.iter().map(|s| (s.vm, Sweep::new(learning.plan))).collect();
+            learning.joined = true;
+        }
+        let energy = sample.package_energy_j.unwrap_or(0.0);
+        // Power is the package's: with several VMs on the host each is labelled with it, so the
+        // labels are clean only with one VM, as in the report.
+        let mut labelled = Vec::new();
+        for s in &sample.vms {
+            if let Some(sweep) = learning.vms.get_mut(&s.vm) {
+                let observation = Observation {
+                    counters: s.counters.clone(),
+                    package_energy_j: energy,
+                    start_unix_ns: 0,
+                };
+                labelled.extend(sweep.observe(observation).into_iter().map(|l| (s.vm, l)));
+            }
+        }
+        learning.schedule.observe(Observation {
+            counters: vmgov_proto::RawCounters {
+                timeslice_seconds: sample.timeslice_s,
+                vcpus: 1,
+                ..Default::default()
+            },
+            package_energy_j: energy,
+            start_unix_ns: 0,
+        });
+        self.labelled += labelled.len() as u64;
+        if let Some(emitter) = &self.shared.emitter {
+            for (vm, l) in labelled {
+                let Some(e) = self.vms.get(&vm) else { continue };
+                let features = features::derive(&l.observation.counters)
+                    .map(|f| f.iter().collect())
+                    .unwrap_or_default();
+                emitter.emit(SampleLine {
+                    time_s: self.time_s,
+                    vm: e.info.name.clone(),
+                    uuid: e.info.uuid.clone(),
+                    counters: l.observation.counters,
+                    features,
+                    pstate: Some(l.pstate),
+                    fallback: None,
+                    predicted: None,
+                    labels: Some(l.labels),
+                });
+            }
+        }
+        if let Some(l) = self.shared.settings.learning
+            && l.max_samples.is_some_and(|m| self.labelled >= m)
+        {
+            tracing::info!(samples = self.labelled, "learning done: sample target reached");
+            self.sweep = None;
+        }
+    }
+
+    /// Emits sample lines (outside learning) and publishes the status.
+    fn publish(&mut self, sample: &HostSample, finished: bool) {
+        if self.sweep.is_none()
+            && let Some(emitter) = &self.shared.emitter
+        {
+            for s in &sample.vms {
+                let Some(e) = self.vms.get(&s.vm) else { continue };
+                let c = e.last.as_ref();
+                emitter.emit(SampleLine {
+                    time_s: self.time_s,
+                    vm: e.info.name.clone(),
+                    uuid: e.info.uuid.clone(),
+                    counters: s.counters.clone(),
+                    features: c.map(|c| c.features.iter().collect()).unwrap_or_default(),
+                    pstate: c.and_then(|c| c.pstate),
+                    fallback: c.and_then(|c| c.fallback.as_ref().map(ToString::to_string)),
+                    predicted: c.and_then(|c| c.predicted),
+                    labels: None,
+                });
+            }
+        }
+        let status = AgentStatus {
+            slices: self.slices,
+            time_s: self.time_s,
+            dry_run: self.shared.settings.dry_run,
+            learning: self.sweep.is_some(),
+            labelled_samples: self.labelled,
+            model_version: self.model_version,
+            cores: if self.applied.cores.is_empty() {
+                sample.cores.iter().map(|c| c.pstate).collect()
+            } else {
+                self.applied.cores.clone()
+            },
+            vms: self
+                .vms
+                .values()
+                .map(|e| VmStatus {
+                    info: e.info.clone(),
+                    pstate: e.last.as_ref().and_then(|c| c.pstate),
+                    predicted: e.last.as_ref().and_then(|c| c.predicted),
+                    fallback: e
+                        .last
+                        .as_ref()
+                        .and_then(|c| c.fallback.as_ref().map(ToString::to_string)),
+                })
+                .collect(),
+            finished,
+            samples_dropped: self.shared.emitter.as_ref().map_or(0, |e| e.dropped()),
+        };
+        self.status.send_replace(status);
+    }
+}
+
+fn log_choice(
+    info: &VmInfo,
+    choice: Option<&VmChoice>,
+    table: &vmgov_proto::PStateTable,
+    dry_run: bool,
+) {
+    let verb = if dry_run { "would set" } else { "sets" };
+    match choice {
+        Some(VmChoice { pstate: Some(p), predicted, feasible, .. }) => {
+            let ghz = table.frequency_hz(*p).unwrap_or(0.0) / 1e9;
+            let r = predicted.unwrap_or_default();
+            tracing::info!(
+                vm = %info.name, pstate = p, ghz, perf = r.perf, power = r.power, throughput = r.throughput,
+                feasible, dry_run, "decision: {verb} P-state {p} ({ghz:.2} GHz)"
+            );
+        }
+        Some(VmChoice { fallback: Some(why), .. }) => {
+            tracing::info!(vm = %info.name, dry_run, "decision: fallback governor ({why})");
+        }
+        _ => {
+            tracing::info!(vm = %info.name, dry_run, "decision: fallback governor (no answer from the VM's actor)")
+        }
+    }
+}
+
+/// Applies what differs from the last actuation.
+fn apply(
+    platform: &mut dyn HostPlatform,
+    before: &Actuation,
+    after: &Actuation,
+) -> Result<(), PlatformError> {
+    for (core, &p) in after.cores.iter().enumerate() {
+        if before.cores.get(core) != Some(&p) {
+            platform.set_core_pstate(core, p)?;
+        }
+    }
+    for &(vm, p) in &after.vm_pstates {
+        if !before.vm_pstates.contains(&(vm, p)) {
+            platform.set_vm_pstate(vm, p)?;
+        }
+    }
+    for &(vm, mask) in &after.vm_affinity {
+        if !before.vm_affinity.contains(&(vm, mask)) {
+            platform.set_vm_affinity(vm, mask)?;
+        }
+    }
+    Ok(())
+}

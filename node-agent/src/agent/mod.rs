@@ -1,0 +1,306 @@
+//! The agent's actor tree (ractor), on any [`HostPlatform`].
+//!
+//! ```text
+//! HostSupervisor ── HostLoop (sampler + arbiter; owns the timeslice)
+//!                └─ VmActor × one per VM (features → predict → decide)
+//! ```
+//!
+//! Callers hold an [`Agent`], a small handle with async methods; they never see messages. The
+//! supervision policy is in `supervisor.rs`: failed children restart alone, and stopping puts
+//! the host back as it was. Status flows out through a watch channel that the host loop updates
+//! every slice, so asking for it never waits on the loop.
+
+mod emit;
+mod host_loop;
+mod supervisor;
+#[cfg(test)]
+mod tests;
+mod vm_actor;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use ractor::{Actor, ActorRef};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{
+    sync::{Mutex, watch},
+    task::JoinHandle,
+};
+use vmgov_proto::{EnergyModel, ModelError, Objective, Predictor, Ratios, Thresholds};
+
+pub use self::emit::{Emitter, SampleLine};
+use self::supervisor::{HostSupervisor, SupervisorArgs, SupervisorMsg};
+use crate::{
+    arbiter::ArbiterPolicy,
+    governor::GovernorKind,
+    learning::SweepPlan,
+    platform::{HostPlatform, VmIndex, VmInfo},
+};
+
+/// Learning mode settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LearningSettings {
+    /// The sweep.
+    pub plan: SweepPlan,
+    /// Stop learning after this many labelled samples.
+    pub max_samples: Option<u64>,
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// Timeslice, seconds.
+    pub timeslice_s: f64,
+    /// Shadow mode: decide and log, never actuate.
+    pub dry_run: bool,
+    /// How per-VM choices become per-core frequencies.
+    pub arbiter: ArbiterPolicy,
+    /// Governor for VMs without a model or thresholds.
+    pub fallback: GovernorKind,
+    /// Learning mode from the start, if set.
+    pub learning: Option<LearningSettings>,
+    /// Stop after this many slices (tests, simulated runs).
+    pub max_slices: Option<u64>,
+    /// On a lockstep (simulated) platform, stop once no VM is left.
+    pub stop_when_idle: bool,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            timeslice_s: 0.01,
+            dry_run: false,
+            arbiter: ArbiterPolicy::Follow,
+            fallback: GovernorKind::Performance,
+            learning: None,
+            max_slices: None,
+            stop_when_idle: true,
+        }
+    }
+}
+
+/// Thresholds set on this host (until a coordinator pushes them): by VM UUID or name, then a
+/// default for every VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalThresholds {
+    /// For every VM without its own entry.
+    #[serde(default)]
+    pub default: Option<Thresholds>,
+    /// Per VM, keyed by UUID or name.
+    #[serde(default)]
+    pub vm: BTreeMap<String, Thresholds>,
+}
+
+impl LocalThresholds {
+    /// The thresholds that apply to `vm`: its UUID's entry, else its name's, else the default.
+    pub fn resolve(&self, vm: &VmInfo) -> Option<Thresholds> {
+        self.vm.get(&vm.uuid).or_else(|| self.vm.get(&vm.name)).copied().or(self.default)
+    }
+}
+
+/// The model and thresholds the agent decides with.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// The active model, compiled.
+    pub predictor: Option<Arc<Predictor>>,
+    /// Thresholds.
+    pub thresholds: LocalThresholds,
+    /// What decisions minimise.
+    pub objective: Objective,
+}
+
+/// One VM in the status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VmStatus {
+    /// The VM.
+    pub info: VmInfo,
+    /// Its P-state in the last slice (`None`: fallback governor).
+    pub pstate: Option<usize>,
+    /// Predicted ratios at that P-state.
+    pub predicted: Option<Ratios>,
+    /// Why it runs on the fallback governor, if it does.
+    pub fallback: Option<String>,
+}
+
+/// What the agent is doing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AgentStatus {
+    /// Slices run.
+    pub slices: u64,
+    /// Host time covered, seconds.
+    pub time_s: f64,
+    /// Shadow mode.
+    pub dry_run: bool,
+    /// Learning mode is on.
+    pub learning: bool,
+    /// Labelled samples produced.
+    pub labelled_samples: u64,
+    /// Version of the active model.
+    pub model_version: Option<u64>,
+    /// P-state of every core (as set, or as it would be set in dry-run).
+    pub cores: Vec<usize>,
+    /// Per VM.
+    pub vms: Vec<VmStatus>,
+    /// The run is over (simulated host with nothing left to run).
+    pub finished: bool,
+    /// Sample lines dropped because the writer was behind.
+    pub samples_dropped: u64,
+}
+
+/// State shared by the actors: the platform (behind a lock the host loop holds for a slice)
+/// and the settings.
+pub struct Shared {
+    platform: Mutex<Box<dyn HostPlatform>>,
+    settings: AgentSettings,
+    lockstep: bool,
+    emitter: Option<Emitter>,
+}
+
+impl std::fmt::Debug for dyn HostPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let info = self.info();
+        write!(f, "{} host of class {}", info.platform, info.hardware_class)
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// Why the agent failed.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The actors could not start.
+    #[error("starting the agent's actors")]
+    Spawn(#[source] ractor::SpawnErr),
+    /// The agent has stopped.
+    #[error("the agent has stopped")]
+    Stopped,
+    /// A model was refused; the previous one stays active.
+    #[error("model refused; the previous one stays active")]
+    Model(#[from] ModelError),
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    supervisor: ActorRef<SupervisorMsg>,
+    join: JoinHandle<()>,
+    status: watch::Receiver<AgentStatus>,
+    shared: Arc<Shared>,
+    policy: Policy,
+}
+
+impl Agent {
+    /// Starts the actor tree on `platform`.
+    pub async fn start(
+        platform: Box<dyn HostPlatform>,
+        settings: AgentSettings,
+        policy: Policy,
+        emitter: Option<Emitter>,
+    ) -> Result<Self, AgentError> {
+        let lockstep = platform.lockstep();
+        let shared =
+            Arc::new(Shared { platform: Mutex::new(platform), settings, lockstep, emitter });
+        let (tx, status) = watch::channel(AgentStatus::default());
+        let args =
+            SupervisorArgs { shared: Arc::clone(&shared), policy: policy.clone(), status: tx };
+        let (supervisor, join) =
+            Actor::spawn(None, HostSupervisor, args).await.map_err(AgentError::Spawn)?;
+        Ok(Self { supervisor, join, status, shared, policy })
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> AgentStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status update.
+    pub fn status_receiver(&self) -> watch::Receiver<AgentStatus> {
+        self.status.clone()
+    }
+
+    /// Waits until the host loop has run at least `slices` slices (or the agent stopped).
+    pub async fn wait_slices(&mut self, slices: u64) -> AgentStatus {
+        loop {
+            let s = self.status.borrow_and_update().clone();
+            if s.slices >= slices || s.finished {
+                return s;
+            }
+            if self.status.changed().await.is_err() {
+                return self.status.borrow().clone();
+            }
+        }
+    }
+
+    /// Swaps in a new model, validated first: a bad model is refused and the old one kept.
+    pub fn set_model(
+        &mut self,
+        model: &EnergyModel,
+        host: &vmgov_proto::PStateTable,
+    ) -> Result<(), AgentError> {
+        model.check_host(host)?;
+        let predictor = Predictor::new(model)?;
+        self.policy.predictor = Some(Arc::new(predictor));
+        self.push_policy()
+    }
+
+    /// Replaces the thresholds.
+    pub fn set_thresholds(&mut self, thresholds: LocalThresholds) -> Result<(), AgentError> {
+        self.policy.thresholds = thresholds;
+        self.push_policy()
+    }
+
+    fn push_policy(&self) -> Result<(), AgentError> {
+        self.supervisor
+            .send_message(SupervisorMsg::SetPolicy(Box::new(self.policy.clone())))
+            .map_err(|_| AgentError::Stopped)
+    }
+
+    /// Fault injection for supervision tests: fails the host loop.
+    #[doc(hidden)]
+    pub fn fail_host_loop(&self) -> Result<(), AgentError> {
+        self.supervisor.send_message(SupervisorMsg::FailHostLoop).map_err(|_| AgentError::Stopped)
+    }
+
+    /// Fault injection for supervision tests: fails one VM's actor.
+    #[doc(hidden)]
+    pub fn fail_vm(&self, vm: VmIndex) -> Result<(), AgentError> {
+        self.supervisor.send_message(SupervisorMsg::FailVm(vm)).map_err(|_| AgentError::Stopped)
+    }
+
+    /// Runs `f` on the platform between two slices (tests and the lab: add a simulated VM,
+    /// read the simulator's truth).
+    pub async fn with_platform<T>(&self, f: impl FnOnce(&mut dyn HostPlatform) -> T) -> T {
+        let mut p = self.shared.platform.lock().await;
+        f(p.as_mut())
+    }
+
+    /// Waits for the run to end by itself (a simulated host with nothing left to run), and
+    /// hands the platform back.
+    pub async fn wait(self) -> Finished {
+        let status = self.status.clone();
+        let _ = self.join.await;
+        let status = status.borrow().clone();
+        let platform = Arc::try_unwrap(self.shared).ok().map(|s| s.platform.into_inner());
+        Finished { status, platform }
+    }
+
+    /// Stops every actor, restores the host, and hands the platform back.
+    pub async fn shutdown(self) -> Finished {
+        self.supervisor.stop(Some("shutdown".into()));
+        self.wait().await
+    }
+}
+
+/// A stopped agent.
+#[derive(Debug)]
+pub struct Finished {
+    /// The last status.
+    pub status: AgentStatus,
+    /// The platform, restored (`None` only if an actor still held it, which stopping prevents).
+    pub platform: Option<Box<dyn HostPlatform>>,
+}

@@ -1,0 +1,173 @@
+//! `vmgov-agent run`: builds the platform, the policy and the settings from a checked
+//! configuration, starts the actor tree and runs until the platform has nothing left (simulated
+//! host) or `shutdown` resolves (SIGTERM/SIGINT, installed by the binary), then restores the host.
+
+use std::{future::Future, io::Write, sync::Arc};
+
+use thiserror::Error;
+use vmgov_proto::{EnergyModel, Predictor};
+
+use crate::{
+    agent::{Agent, AgentError, AgentSettings, Emitter, Finished, LearningSettings, Policy},
+    config::{AgentConfig, PlatformKind},
+    learning::SweepPlan,
+    platform::{
+        HostPlatform,
+        sim::{HardwareClass, SimConfig, SimError, SimHost, SimPlatform, VmSpec, Workload},
+    },
+};
+
+/// Why the agent could not run.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The simulated host could not be built.
+    #[error(transparent)]
+    Sim(#[from] SimError),
+    /// A class or workload file is bad.
+    #[error(transparent)]
+    Class(#[from] crate::platform::sim::ClassError),
+    /// A workload file is bad.
+    #[error(transparent)]
+    Workload(#[from] crate::platform::sim::WorkloadError),
+    /// The model file could not be used.
+    #[error("model file {path}: {problem}")]
+    Model {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The samples file could not be opened.
+    #[error("opening {path} for samples")]
+    Emit {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The platform is not available here.
+    #[error("{0}")]
+    Platform(String),
+    /// The actors failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// Builds the configured platform.
+pub fn platform(config: &AgentConfig) -> Result<Box<dyn HostPlatform>, RunError> {
+    match config.platform {
+        PlatformKind::Sim => {
+            let s = &config.sim;
+            let class = HardwareClass::load(&s.class)?;
+            let vms = s
+                .workloads
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let workload = Workload::load(w)?.scaled(s.scale);
+                    Ok(VmSpec {
+                        name: format!("vm{i}-{}", workload.name),
+                        vcpus: s.vcpus,
+                        affinity: None,
+                        workload,
+                    })
+                })
+                .collect::<Result<Vec<_>, RunError>>()?;
+            let sim = SimConfig {
+                timeslice_s: config.timeslice_ms / 1e3,
+                seed: s.seed,
+                counter_noise: s.noise,
+            };
+            Ok(Box::new(SimPlatform::new(SimHost::new(class, vms, sim)?)))
+        }
+        PlatformKind::Linux => Err(RunError::Platform(
+            "the Linux platform backend is not built yet (issue #4, in progress); \
+             `--platform sim` runs the same actors on the simulated host"
+                .into(),
+        )),
+    }
+}
+
+/// Loads a model file (JSON) and checks it against the host's P-states.
+pub fn load_model(
+    path: &std::path::Path,
+    platform: &dyn HostPlatform,
+) -> Result<Arc<Predictor>, RunError> {
+    let err = |problem: String| RunError::Model { path: path.display().to_string(), problem };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let model: EnergyModel = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    model.check_host(&platform.info().pstates).map_err(|e| err(e.to_string()))?;
+    Ok(Arc::new(Predictor::new(&model).map_err(|e| err(e.to_string()))?))
+}
+
+/// Opens the samples sink: a file, or standard output for `-`.
+pub fn emitter(target: Option<&str>) -> Result<Option<Emitter>, RunError> {
+    let Some(target) = target else { return Ok(None) };
+    let out: Box<dyn Write + Send> = if target == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            std::fs::File::create(target)
+                .map_err(|source| RunError::Emit { path: target.into(), source })?,
+        )
+    };
+    Ok(Some(Emitter::new(out)))
+}
+
+/// The agent's settings from its configuration.
+pub fn settings(config: &AgentConfig, pstates: usize) -> AgentSettings {
+    AgentSettings {
+        timeslice_s: config.timeslice_ms / 1e3,
+        dry_run: config.dry_run,
+        arbiter: config.arbiter,
+        fallback: config.fallback(),
+        learning: config.learning.as_ref().map(|l| LearningSettings {
+            plan: SweepPlan {
+                pstates,
+                dwell_slices: l.dwell_slices,
+                reference_slices: l.reference_slices,
+            },
+            max_samples: l.max_samples,
+        }),
+        max_slices: None,
+        stop_when_idle: true,
+    }
+}
+
+/// Runs the agent until the platform is done or `shutdown` resolves.
+pub async fn run(
+    config: &AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Finished, RunError> {
+    let platform = platform(config)?;
+    let info = platform.info();
+    let predictor =
+        config.model.as_deref().map(|m| load_model(m, platform.as_ref())).transpose()?;
+    let policy =
+        Policy { predictor, thresholds: (&config.thresholds).into(), objective: config.objective };
+    tracing::info!(
+        platform = info.platform,
+        class = %info.hardware_class,
+        cores = info.cores,
+        pstates = info.pstates.len(),
+        dry_run = config.dry_run,
+        model = policy.predictor.as_ref().map(|p| p.version()),
+        "agent starting"
+    );
+    let emit = emitter(config.emit_samples.as_deref())?;
+    let agent = Agent::start(platform, settings(config, info.pstates.len()), policy, emit).await?;
+    let mut status = agent.status_receiver();
+    let finished = async move {
+        while status.changed().await.is_ok() {
+            if status.borrow().finished {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        () = finished => tracing::info!("the host has nothing left to run"),
+        () = shutdown => tracing::info!("shutdown requested"),
+    }
+    Ok(agent.shutdown().await)
+}

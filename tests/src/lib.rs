@@ -1,7 +1,9 @@
 //! Shared helpers for vmgov's cross-component tests (the tests themselves are in `tests/tests/`).
 //!
 //! Later tiers (a real etcd on free ports, coordinator and agent processes, QEMU guests) put
-//! their harnesses here so that every test starts them the same way.
+//! their harnesses here so that every test starts them the same way: [`guest`] boots QEMU guests.
+
+pub mod guest;
 
 use std::{
     fs, io,

@@ -7,6 +7,7 @@
 //!
 //! It also prints the agent's memory per VM: resident memory of a running agent with 512 VMs,
 //! less that of the same simulated host without the agent, divided by 512.
+#![allow(clippy::print_stdout, reason = "a benchmark reports its figures")]
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 

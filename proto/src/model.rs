@@ -144,7 +144,8 @@ pub struct TrainingInfo {
     pub quality: Vec<FitQuality>,
     /// Creation time, Unix ms.
     pub created_unix_ms: u64,
-    /// Features constant in the training data, given coefficient 0.
+    /// Features constant in the training data or collinear with an earlier one, given
+    /// coefficient 0.
     pub dropped_features: Vec<Feature>,
     /// Free text on the training data.
     pub notes: String,

@@ -1,0 +1,418 @@
+//! Training, pure: labelled samples of one hardware class in, a validated [`EnergyModel`] out.
+//!
+//! Per P-state and per target (perf, power, throughput ratio) one linear fit with smartcore:
+//! ordinary least squares as in the report, or ridge or lasso. Features are standardised before
+//! fitting and the coefficients folded back to raw units, so the model predicts from raw features.
+//! k-fold cross-validation gives R², MAE and MAPE per fit.
+//!
+//! smartcore 0.7 fails quietly on bad data (measured here: QR returns coefficients of ±3e11 on a
+//! constant or duplicated column, SVD panics on a NaN, ridge without normalisation fits no
+//! intercept), so every fit is preceded by screening: non-finite values are refused with the
+//! sample named, constant columns are dropped (coefficient 0, listed in the model), columns
+//! collinear with an earlier one are dropped too, and a fit that panics becomes an error instead
+//! of taking the coordinator down.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use rand::{SeedableRng, seq::SliceRandom};
+use rand_chacha::ChaCha8Rng;
+use smartcore::{
+    linalg::basic::{arrays::Array, matrix::DenseMatrix},
+    linear::{
+        lasso::{Lasso, LassoParameters},
+        linear_regression::{
+            LinearRegression, LinearRegressionParameters, LinearRegressionSolverName,
+        },
+        ridge_regression::{RidgeRegression, RidgeRegressionParameters, RidgeRegressionSolverName},
+    },
+};
+use thiserror::Error;
+use vmgov_proto::{
+    Algorithm, EnergyModel, Feature, LinearFit, ModelError, PStateModel, PStateTable, Ratios,
+    RawCounters, Target, features,
+    model::{FitQuality, TrainingInfo},
+};
+
+/// One labelled timeslice of one VM, as learning mode produces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelledSample {
+    /// The P-state the slice ran at.
+    pub pstate: usize,
+    /// The slice's raw counters.
+    pub counters: RawCounters,
+    /// Its measured ratios against f_max.
+    pub labels: Ratios,
+}
+
+/// What to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainRequest {
+    /// Hardware class.
+    pub hardware_class: String,
+    /// Version the model gets.
+    pub version: u64,
+    /// The class's P-states.
+    pub pstates: PStateTable,
+    /// Features, in order.
+    pub features: Vec<Feature>,
+    /// Regression method.
+    pub algorithm: Algorithm,
+    /// Penalty for ridge and lasso (in standardised units).
+    pub alpha: f64,
+    /// Cross-validation folds (at least 2).
+    pub folds: u32,
+    /// Creation time, Unix ms.
+    pub created_unix_ms: u64,
+    /// Free text on the data.
+    pub notes: String,
+}
+
+/// Fewest samples a P-state needs, whatever the folds.
+pub const MIN_SAMPLES_PER_PSTATE: usize = 20;
+
+/// Why a model could not be trained.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum TrainError {
+    /// A P-state has no samples at all.
+    #[error("P-state {pstate} ({ghz:.2} GHz) has no samples; learning must sweep every P-state")]
+    NoSamples {
+        /// The P-state.
+        pstate: usize,
+        /// Its frequency.
+        ghz: f64,
+    },
+    /// A P-state has too few samples.
+    #[error("P-state {pstate} has {have} samples; at least {need} are needed")]
+    TooFewSamples {
+        /// The P-state.
+        pstate: usize,
+        /// Samples present.
+        have: usize,
+        /// Samples needed.
+        need: usize,
+    },
+    /// A sample names a P-state the class does not have.
+    #[error(
+        "sample {sample} ran at P-state {pstate}, which the class's table of {len} does not have"
+    )]
+    UnknownPState {
+        /// Index of the sample.
+        sample: usize,
+        /// Its P-state.
+        pstate: usize,
+        /// P-states in the table.
+        len: usize,
+    },
+    /// A sample's counters or labels are unusable.
+    #[error("sample {sample}: {problem}")]
+    BadSample {
+        /// Index of the sample.
+        sample: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The solver failed (or panicked) on a fit.
+    #[error("fitting {target} at P-state {pstate} failed: {reason}")]
+    Fit {
+        /// The P-state.
+        pstate: usize,
+        /// The target.
+        target: Target,
+        /// The solver's reason.
+        reason: String,
+    },
+    /// The trained model did not validate.
+    #[error("the trained model is invalid")]
+    Model(#[from] ModelError),
+}
+
+/// A design matrix in row-major order.
+#[derive(Debug, Clone, Default)]
+struct Rows {
+    x: Vec<f64>,
+    k: usize,
+    y: [Vec<f64>; 3],
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        self.y[0].len()
+    }
+}
+
+/// Which columns survive screening, and how to standardise them.
+#[derive(Debug, Clone)]
+struct Screen {
+    keep: Vec<usize>,
+    mean: Vec<f64>,
+    std: Vec<f64>,
+}
+
+/// Keeps columns that vary and are not collinear with an earlier kept column.
+fn screen(x: &[f64], k: usize, rows: &[usize]) -> Screen {
+    #[allow(clippy::cast_precision_loss, reason = "row counts are far below 2^53")]
+    let n = rows.len().max(1) as f64;
+    let col = |j: usize| rows.iter().map(move |&r| x[r * k + j]);
+    let mean: Vec<f64> = (0..k).map(|j| col(j).sum::<f64>() / n).collect();
+    let std: Vec<f64> =
+        (0..k).map(|j| (col(j).map(|v| (v - mean[j]).powi(2)).sum::<f64>() / n).sqrt()).collect();
+    let mut keep: Vec<usize> = Vec::new();
+    for j in 0..k {
+        if std[j] <= 1e-12 * mean[j].abs().max(1e-300) || std[j] == 0.0 {
+            continue;
+        }
+        let collinear = keep.iter().any(|&i| {
+            let cov =
+                col(i).zip(col(j)).map(|(a, b)| (a - mean[i]) * (b - mean[j])).sum::<f64>() / n;
+            (cov / (std[i] * std[j])).abs() > 1.0 - 1e-9
+        });
+        if !collinear {
+            keep.push(j);
+        }
+    }
+    Screen { keep, mean, std }
+}
+
+/// Fits y on the screened, standardised columns of `rows`; returns the fit in raw units.
+fn fit(
+    data: &Rows,
+    target: usize,
+    rows: &[usize],
+    s: &Screen,
+    algorithm: Algorithm,
+    alpha: f64,
+) -> Result<LinearFit, String> {
+    let y: Vec<f64> = rows.iter().map(|&r| data.y[target][r]).collect();
+    #[allow(clippy::cast_precision_loss, reason = "row counts are far below 2^53")]
+    let y_mean = y.iter().sum::<f64>() / y.len().max(1) as f64;
+    let mut coefficients = vec![0.0; data.k];
+    if s.keep.is_empty() || y.iter().all(|v| (v - y_mean).abs() < 1e-15) {
+        // Nothing varies, or the target does not: the best fit is its mean.
+        return Ok(LinearFit { intercept: y_mean, coefficients });
+    }
+    let p = s.keep.len();
+    if rows.len() <= p + 1 {
+        return Err(format!("{} rows for {p} features", rows.len()));
+    }
+    let mut z = Vec::with_capacity(rows.len() * p);
+    for &r in rows {
+        for &j in &s.keep {
+            z.push((data.x[r * data.k + j] - s.mean[j]) / s.std[j]);
+        }
+    }
+    let m = DenseMatrix::new(rows.len(), p, z, false).map_err(|e| e.to_string())?;
+    // Centre y for the solvers that fit no intercept; add the mean back below.
+    let yc: Vec<f64> = y.iter().map(|v| v - y_mean).collect();
+    let solved = catch_unwind(AssertUnwindSafe(|| -> Result<(Vec<f64>, f64), String> {
+        match algorithm {
+            Algorithm::Ols => {
+                let params = LinearRegressionParameters::default()
+                    .with_solver(LinearRegressionSolverName::QR);
+                let f = LinearRegression::fit(&m, &yc, params).map_err(|e| e.to_string())?;
+                Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
+            }
+            Algorithm::Ridge => {
+                let params = RidgeRegressionParameters::default()
+                    .with_alpha(alpha)
+                    .with_normalize(false)
+                    .with_solver(RidgeRegressionSolverName::Cholesky);
+                let f = RidgeRegression::fit(&m, &yc, params).map_err(|e| e.to_string())?;
+                Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
+            }
+            Algorithm::Lasso => {
+                let params = LassoParameters::default()
+                    .with_alpha(alpha)
+                    .with_normalize(false)
+                    .with_fit_intercept(true)
+                    .with_tol(1e-6)
+                    .with_max_iter(10_000);
+                let f = Lasso::fit(&m, &yc, params).map_err(|e| e.to_string())?;
+                Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
+            }
+        }
+    }))
+    .map_err(|_| "the solver panicked".to_owned())??;
+    let (beta, b0) = solved;
+    if beta.iter().chain(std::iter::once(&b0)).any(|v| !v.is_finite()) {
+        return Err("the solver returned a non-finite coefficient".into());
+    }
+    // Back to raw units: y = y_mean + b0 + Σ β_j (x_j − μ_j)/σ_j.
+    let mut intercept = y_mean + b0;
+    for (&j, b) in s.keep.iter().zip(&beta) {
+        coefficients[j] = b / s.std[j];
+        intercept -= b * s.mean[j] / s.std[j];
+    }
+    Ok(LinearFit { intercept, coefficients })
+}
+
+fn predict(f: &LinearFit, x: &[f64]) -> f64 {
+    f.intercept + f.coefficients.iter().zip(x).map(|(a, b)| a * b).sum::<f64>()
+}
+
+/// R², MAE and MAPE of predictions against truth.
+fn quality(truth: &[f64], predicted: &[f64]) -> (f64, f64, f64) {
+    #[allow(clippy::cast_precision_loss, reason = "row counts are far below 2^53")]
+    let n = truth.len().max(1) as f64;
+    let mean = truth.iter().sum::<f64>() / n;
+    let ss_tot: f64 = truth.iter().map(|y| (y - mean).powi(2)).sum();
+    let ss_res: f64 = truth.iter().zip(predicted).map(|(y, p)| (y - p).powi(2)).sum();
+    let r2 = if ss_tot > 1e-18 {
+        1.0 - ss_res / ss_tot
+    } else if ss_res < 1e-12 {
+        1.0
+    } else {
+        0.0
+    };
+    let mae = truth.iter().zip(predicted).map(|(y, p)| (y - p).abs()).sum::<f64>() / n;
+    // Ratios near zero (a server that served nothing) would blow MAPE up: skip them.
+    let (sum, count) = truth
+        .iter()
+        .zip(predicted)
+        .filter(|(y, _)| y.abs() > 1e-3)
+        .fold((0.0, 0u32), |(s, c), (y, p)| (s + ((y - p) / y).abs(), c + 1));
+    let mape = if count > 0 { sum / f64::from(count) } else { 0.0 };
+    (r2, mae, mape)
+}
+
+/// Trains a model from labelled samples.
+pub fn train(req: &TrainRequest, samples: &[LabelledSample]) -> Result<EnergyModel, TrainError> {
+    if req.folds < 2 {
+        return Err(TrainError::BadRequest(format!(
+            "{} folds; cross-validation needs at least 2",
+            req.folds
+        )));
+    }
+    if req.features.is_empty() {
+        return Err(TrainError::BadRequest("no features to train on".into()));
+    }
+    if !(req.alpha.is_finite() && req.alpha >= 0.0) {
+        return Err(TrainError::BadRequest(format!(
+            "alpha {} must be a non-negative number",
+            req.alpha
+        )));
+    }
+    let n_p = req.pstates.len();
+    let k = req.features.len();
+    let mut per_pstate: Vec<Rows> = (0..n_p).map(|_| Rows { k, ..Rows::default() }).collect();
+    for (i, s) in samples.iter().enumerate() {
+        let bad = |problem: String| TrainError::BadSample { sample: i, problem };
+        let rows = per_pstate.get_mut(s.pstate).ok_or(TrainError::UnknownPState {
+            sample: i,
+            pstate: s.pstate,
+            len: n_p,
+        })?;
+        let fv = features::derive(&s.counters).map_err(|e| bad(e.to_string()))?;
+        for &f in &req.features {
+            let v = fv.get(f).ok_or_else(|| bad(format!("feature {f} was not measured")))?;
+            if !v.is_finite() {
+                return Err(bad(format!("feature {f} is {v}")));
+            }
+            rows.x.push(v);
+        }
+        for (t, v) in [s.labels.perf, s.labels.power, s.labels.throughput].into_iter().enumerate() {
+            if !v.is_finite() {
+                return Err(bad(format!("{} label is {v}", Target::ALL[t])));
+            }
+            rows.y[t].push(v);
+        }
+    }
+    let need = MIN_SAMPLES_PER_PSTATE.max(2 * req.folds as usize).max(k + 2);
+    for (pstate, rows) in per_pstate.iter().enumerate() {
+        match rows.len() {
+            0 => {
+                return Err(TrainError::NoSamples {
+                    pstate,
+                    ghz: req.pstates.frequency_hz(pstate).unwrap_or(0.0) / 1e9,
+                });
+            }
+            have if have < need => return Err(TrainError::TooFewSamples { pstate, have, need }),
+            _ => {}
+        }
+    }
+    let mut models = Vec::with_capacity(n_p);
+    let mut quality_figures = Vec::new();
+    let mut ever_kept = vec![false; k];
+    // A fixed seed: the same data always gives the same folds, hence the same figures.
+    let mut rng = ChaCha8Rng::seed_from_u64(0x0076_6d67_6f76);
+    for (pstate, data) in per_pstate.iter().enumerate() {
+        let all: Vec<usize> = (0..data.len()).collect();
+        let s = screen(&data.x, k, &all);
+        for &j in &s.keep {
+            ever_kept[j] = true;
+        }
+        let mut order = all.clone();
+        order.shuffle(&mut rng);
+        let folds = req.folds as usize;
+        let mut fits = Vec::with_capacity(3);
+        for (t, target) in Target::ALL.into_iter().enumerate() {
+            let err = |reason| TrainError::Fit { pstate, target, reason };
+            let full = fit(data, t, &all, &s, req.algorithm, req.alpha).map_err(err)?;
+            let mut truth = Vec::with_capacity(data.len());
+            let mut predicted = Vec::with_capacity(data.len());
+            for f in 0..folds {
+                let in_fold = |(i, _): &(usize, &usize)| i % folds == f;
+                let test: Vec<usize> =
+                    order.iter().enumerate().filter(in_fold).map(|(_, r)| *r).collect();
+                let train: Vec<usize> =
+                    order.iter().enumerate().filter(|x| !in_fold(x)).map(|(_, r)| *r).collect();
+                let fs = screen(&data.x, k, &train);
+                let model = fit(data, t, &train, &fs, req.algorithm, req.alpha).map_err(err)?;
+                for r in test {
+                    truth.push(data.y[t][r]);
+                    predicted.push(predict(&model, &data.x[r * k..(r + 1) * k]));
+                }
+            }
+            let (r2, mae, mape) = quality(&truth, &predicted);
+            quality_figures.push(FitQuality {
+                pstate_index: u32::try_from(pstate).unwrap_or(u32::MAX),
+                target,
+                r2,
+                mae,
+                mape,
+            });
+            fits.push(full);
+        }
+        let mut fits = fits.into_iter();
+        let (Some(perf), Some(power), Some(throughput)) = (fits.next(), fits.next(), fits.next())
+        else {
+            return Err(TrainError::BadRequest("internal: three targets expected".into()));
+        };
+        models.push(PStateModel {
+            frequency_hz: req.pstates.frequency_hz(pstate).unwrap_or(0.0),
+            perf,
+            power,
+            throughput,
+        });
+    }
+    let model = EnergyModel {
+        hardware_class: req.hardware_class.clone(),
+        version: req.version,
+        pstates: req.pstates.clone(),
+        features: req.features.clone(),
+        per_pstate: models,
+        training: TrainingInfo {
+            algorithm: req.algorithm,
+            alpha: req.alpha,
+            sample_count: samples.len() as u64,
+            folds: req.folds,
+            quality: quality_figures,
+            created_unix_ms: req.created_unix_ms,
+            dropped_features: req
+                .features
+                .iter()
+                .zip(&ever_kept)
+                .filter(|(_, k)| !**k)
+                .map(|(f, _)| *f)
+                .collect(),
+            notes: req.notes.clone(),
+        },
+    };
+    model.validate()?;
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests;

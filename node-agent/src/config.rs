@@ -79,6 +79,9 @@ pub struct SimConfigFile {
     /// Workload length scale.
     #[serde(default = "default_scale")]
     pub scale: f64,
+    /// Run at this many times real time (none: as fast as the agent can go).
+    #[serde(default)]
+    pub speed: Option<f64>,
 }
 
 fn default_class() -> String {
@@ -110,6 +113,7 @@ impl Default for SimConfigFile {
             seed: default_seed(),
             noise: default_noise(),
             scale: default_scale(),
+            speed: None,
         }
     }
 }
@@ -186,6 +190,16 @@ pub struct AgentConfig {
     /// Linux host.
     #[serde(default)]
     pub linux: LinuxConfig,
+    /// The coordinator to connect to (e.g. `http://10.0.0.5:7700`); none runs the agent alone.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// Where the last model and thresholds and unsent samples are kept.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+}
+
+fn default_cache_dir() -> PathBuf {
+    "/var/lib/vmgov-agent".into()
 }
 
 /// `[thresholds]`: a default and per-VM entries (by UUID or name).
@@ -230,6 +244,8 @@ impl Default for AgentConfig {
             learning: None,
             sim: SimConfigFile::default(),
             linux: LinuxConfig::default(),
+            coordinator: None,
+            cache_dir: default_cache_dir(),
         }
     }
 }
@@ -298,6 +314,19 @@ impl AgentConfig {
         }
         if !(self.sim.scale.is_finite() && self.sim.scale > 0.0) {
             return invalid("sim.scale", format!("{} must be a positive number", self.sim.scale));
+        }
+        if let Some(speed) = self.sim.speed
+            && !(speed.is_finite() && speed > 0.0)
+        {
+            return invalid("sim.speed", format!("{speed} must be a positive number"));
+        }
+        if let Some(c) = &self.coordinator
+            && !(c.starts_with("http://") || c.starts_with("https://"))
+        {
+            return invalid(
+                "coordinator",
+                format!("{c:?} must be a URL such as http://10.0.0.5:7700"),
+            );
         }
         if !(self.sim.noise.is_finite() && (0.0..1.0).contains(&self.sim.noise)) {
             return invalid("sim.noise", format!("{} must be in [0, 1)", self.sim.noise));

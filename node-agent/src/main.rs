@@ -10,6 +10,7 @@ use vmgov_agent::{
     config::{AgentConfig, LearningConfig, PlatformKind},
     governor::GovernorKind,
     platform::sim::{HardwareClass, SimConfig, VmSpec, Workload, class, workload},
+    preflight,
     simulate::{self, Policy, Scenario},
 };
 use vmgov_proto::Thresholds;
@@ -32,6 +33,25 @@ enum Command {
     /// Print the calibration tables of docs/calibration.md for a class: every workload alone at
     /// every P-state and under the oracle at thresholds 70% and 40%, next to the report's figures.
     Calibrate(CalibrateArgs),
+    /// Check what this host lets the agent do (cpufreq, uclamp, perf, RAPL, rival daemons, QEMU
+    /// VMs); exit code 0: it can act, 1: only observe (--dry-run), 2: nothing.
+    Preflight(PreflightArgs),
+}
+
+#[derive(Args)]
+struct PreflightArgs {
+    /// Configuration file (TOML): its [linux] roots are checked.
+    #[arg(long, env = "VMGOV_AGENT_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// The proc filesystem to check (default /proc, or the configuration's).
+    #[arg(long)]
+    proc_root: Option<std::path::PathBuf>,
+    /// The sys filesystem to check (default /sys, or the configuration's).
+    #[arg(long)]
+    sys_root: Option<std::path::PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
 }
 
 #[derive(Args)]
@@ -79,6 +99,18 @@ struct RunArgs {
     /// Simulated host: scale every workload's length.
     #[arg(long)]
     scale: Option<f64>,
+    /// Simulated host: run at this many times real time (default: as fast as possible).
+    #[arg(long)]
+    speed: Option<f64>,
+    /// The coordinator to connect to, e.g. http://10.0.0.5:7700.
+    #[arg(long, env = "VMGOV_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Directory for the cached model and thresholds and unsent samples.
+    #[arg(long, env = "VMGOV_AGENT_CACHE_DIR")]
+    cache_dir: Option<std::path::PathBuf>,
+    /// This host's id (default: the host name).
+    #[arg(long, env = "VMGOV_HOST_ID")]
+    host_id: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -216,6 +248,18 @@ fn agent_config(args: &RunArgs) -> anyhow::Result<AgentConfig> {
     if !args.workloads.is_empty() {
         c.sim.workloads = args.workloads.clone();
     }
+    if let Some(s) = args.speed {
+        c.sim.speed = Some(s);
+    }
+    if let Some(u) = &args.coordinator {
+        c.coordinator = Some(u.clone());
+    }
+    if let Some(d) = &args.cache_dir {
+        c.cache_dir = d.clone();
+    }
+    if let Some(h) = &args.host_id {
+        c.host_id = Some(h.clone());
+    }
     if let Some(s) = args.scale {
         c.sim.scale = s;
     }
@@ -281,7 +325,7 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("vmgov-agent: {e:#}");
             ExitCode::FAILURE
@@ -289,13 +333,43 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Some(Command::Run(args)) => run_cmd(&args),
-        Some(Command::Simulate(args)) => simulate_cmd(&args),
-        Some(Command::Calibrate(args)) => calibrate_cmd(&args),
-        None => bail!("choose a command: run, simulate or calibrate (see --help)"),
+        Some(Command::Run(args)) => run_cmd(&args).map(|()| ExitCode::SUCCESS),
+        Some(Command::Simulate(args)) => simulate_cmd(&args).map(|()| ExitCode::SUCCESS),
+        Some(Command::Calibrate(args)) => calibrate_cmd(&args).map(|()| ExitCode::SUCCESS),
+        Some(Command::Preflight(args)) => Ok(preflight_cmd(&args)),
+        None => bail!("choose a command: run, simulate, calibrate or preflight (see --help)"),
     }
+}
+
+/// Exit code 0, 1 or 2 as the verdict says; 2 as well when the check itself cannot start.
+fn preflight_cmd(args: &PreflightArgs) -> ExitCode {
+    let linux = match &args.config {
+        Some(path) => match AgentConfig::load(path) {
+            Ok(c) => c.linux,
+            Err(e) => {
+                eprintln!("vmgov-agent: {:#}", anyhow::Error::from(e));
+                return ExitCode::from(2);
+            }
+        },
+        None => vmgov_agent::config::LinuxConfig::default(),
+    };
+    let proc_root = args.proc_root.clone().unwrap_or(linux.proc_root);
+    let sys_root = args.sys_root.clone().unwrap_or(linux.sys_root);
+    let facts = preflight::gather(&proc_root, &sys_root);
+    let report = preflight::assess(&facts);
+    match args.output {
+        Output::Table => print!("{}", report.render(&facts)),
+        Output::Json => match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("vmgov-agent: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    }
+    ExitCode::from(report.exit_code)
 }
 
 fn simulate_cmd(args: &SimulateArgs) -> anyhow::Result<()> {

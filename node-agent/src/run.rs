@@ -8,11 +8,19 @@ use thiserror::Error;
 use vmgov_proto::{EnergyModel, Predictor};
 
 use crate::{
-    agent::{Agent, AgentError, AgentSettings, Emitter, Finished, LearningSettings, Policy},
+    agent::{
+        Agent, AgentError, AgentSettings, Emitter, Finished, LearningSettings, Outputs, Policy,
+    },
+    arbiter::ArbiterPolicy,
     config::{AgentConfig, PlatformKind},
     learning::SweepPlan,
+    link::{
+        self, LinkConfig,
+        buffer::{BufferConfig, spill_dir},
+    },
     platform::{
         HostPlatform,
+        linux::{LinuxError, LinuxPlatform},
         sim::{HardwareClass, SimConfig, SimError, SimHost, SimPlatform, VmSpec, Workload},
     },
 };
@@ -49,9 +57,26 @@ pub enum RunError {
     /// The platform is not available here.
     #[error("{0}")]
     Platform(String),
+    /// The Linux host cannot even be observed.
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
     /// The actors failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+}
+
+/// Labelled samples queued between the host loop and the link before new ones are dropped.
+const LABELLED_QUEUE: usize = 100_000;
+
+/// This host's id: the configured one, else the host name.
+pub fn host_id(config: &AgentConfig) -> String {
+    config.host_id.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    })
 }
 
 /// Builds the configured platform.
@@ -81,11 +106,41 @@ pub fn platform(config: &AgentConfig) -> Result<Box<dyn HostPlatform>, RunError>
             };
             Ok(Box::new(SimPlatform::new(SimHost::new(class, vms, sim)?)))
         }
-        PlatformKind::Linux => Err(RunError::Platform(
-            "the Linux platform backend is not built yet (issue #4, in progress); \
-             `--platform sim` runs the same actors on the simulated host"
+        PlatformKind::Linux => Ok(Box::new(linux_platform(config)?)),
+    }
+}
+
+/// Builds the Linux backend. Where the host cannot act (no cpufreq, a driver that ignores
+/// explicit frequencies, or per-VM frequencies for the follow arbiter without uclamp) it runs
+/// only in dry-run, saying so; otherwise it refuses to start and names what is missing.
+pub fn linux_platform(config: &AgentConfig) -> Result<LinuxPlatform, RunError> {
+    let platform = LinuxPlatform::new(&config.linux)?;
+    let mut missing: Vec<String> = platform.cannot_act().into_iter().collect();
+    if missing.is_empty()
+        && !platform.info().per_vm_frequency
+        && config.arbiter == ArbiterPolicy::Follow
+    {
+        missing.push(
+            "the follow arbiter sets per-VM frequencies, which need utilisation clamps (uclamp) \
+             under schedutil and this host has none: choose --arbiter max or pin"
                 .into(),
-        )),
+        );
+    }
+    if missing.is_empty() {
+        return Ok(platform);
+    }
+    if config.dry_run {
+        tracing::warn!(
+            "this host cannot act, so the agent only observes (dry-run): {}",
+            missing.join("; ")
+        );
+        Ok(platform)
+    } else {
+        Err(RunError::Platform(format!(
+            "this host cannot act: {}. Run with --dry-run to observe only; \
+             `vmgov-agent preflight` lists what the host allows",
+            missing.join("; ")
+        )))
     }
 }
 
@@ -129,9 +184,13 @@ pub fn settings(config: &AgentConfig, pstates: usize) -> AgentSettings {
                 reference_slices: l.reference_slices,
             },
             max_samples: l.max_samples,
+            max_seconds: None,
         }),
         max_slices: None,
-        stop_when_idle: true,
+        // With a coordinator, a simulated host that ran out of work keeps the agent up (the
+        // coordinator may still start learning or push models).
+        stop_when_idle: config.coordinator.is_none(),
+        pace: config.sim.speed,
     }
 }
 
@@ -156,7 +215,40 @@ pub async fn run(
         "agent starting"
     );
     let emit = emitter(config.emit_samples.as_deref())?;
-    let agent = Agent::start(platform, settings(config, info.pstates.len()), policy, emit).await?;
+    let (labelled_tx, labelled_rx) = tokio::sync::mpsc::channel(LABELLED_QUEUE);
+    let outputs =
+        Outputs { emitter: emit, labelled: config.coordinator.as_ref().map(|_| labelled_tx) };
+    let agent =
+        Agent::start_with(platform, settings(config, info.pstates.len()), policy, outputs).await?;
+    let (stop_link, link_shutdown) = tokio::sync::watch::channel(false);
+    let link = match &config.coordinator {
+        Some(endpoint) => {
+            let link_config = LinkConfig {
+                endpoint: endpoint.clone(),
+                host_id: host_id(config),
+                hardware_class: info.hardware_class.clone(),
+                cache_dir: config.cache_dir.clone(),
+                local_thresholds: (&config.thresholds).into(),
+                timeslice_s: config.timeslice_ms / 1e3,
+                buffer: BufferConfig {
+                    batch_size: 500,
+                    memory_batches: 200,
+                    spill_batches: 20_000,
+                    spill_dir: Some(spill_dir(&config.cache_dir)),
+                },
+                summary_every: std::time::Duration::from_secs(1),
+            };
+            Some(tokio::spawn(link::run(
+                link_config,
+                agent.control(),
+                info.clone(),
+                agent.status_receiver(),
+                labelled_rx,
+                link_shutdown,
+            )))
+        }
+        None => None,
+    };
     let mut status = agent.status_receiver();
     let finished = async move {
         while status.changed().await.is_ok() {
@@ -168,6 +260,14 @@ pub async fn run(
     tokio::select! {
         () = finished => tracing::info!("the host has nothing left to run"),
         () = shutdown => tracing::info!("shutdown requested"),
+    }
+    let _ = stop_link.send(true);
+    if let Some(link) = link {
+        match link.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the coordinator link failed"),
+            Err(e) => tracing::warn!(error = %e, "the coordinator link task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     Ok(agent.shutdown().await)
 }

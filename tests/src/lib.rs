@@ -1,9 +1,12 @@
 //! Shared helpers for vmgov's cross-component tests (the tests themselves are in `tests/tests/`).
 //!
 //! Later tiers (a real etcd on free ports, coordinator and agent processes, QEMU guests) put
-//! their harnesses here so that every test starts them the same way: [`guest`] boots QEMU guests.
+//! their harnesses here so that every test starts them the same way: [`guest`] boots QEMU guests,
+//! [`etcd`] starts (freezes, restarts) a real etcd server.
 
+pub mod etcd;
 pub mod guest;
+pub mod process;
 
 use std::{
     fs, io,

@@ -1,7 +1,7 @@
 //! The coordinator's state, behind one trait: thresholds, models and which one is active per
 //! class, registered hosts, training samples, and leadership.
 //!
-//! Backends: [`MemoryStore`] (the embedded default for a single coordinator) and the etcd store
+//! Backends: [`MemoryStore`] (the embedded default for a single coordinator) and [`EtcdStore`]
 //! (several coordinators, one leading). Both pass the same conformance suite in
 //! [`conformance`].
 //!
@@ -13,6 +13,7 @@
 //! not; sample batches are stored once per (host, batch id) however often they arrive.
 
 pub mod conformance;
+mod etcd;
 mod memory;
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use thiserror::Error;
 use tokio::sync::broadcast;
 use vmgov_proto::{EnergyModel, PStateTable, ThresholdScope, Thresholds};
 
+pub use self::etcd::{EtcdConfig, EtcdStore};
 pub use self::memory::MemoryStore;
 use crate::train::LabelledSample;
 

@@ -15,7 +15,8 @@ use tokio::{sync::watch, time::Instant};
 use vmgov_proto::features;
 
 use super::{
-    AgentStatus, Shared, VmStatus, emit::SampleLine, supervisor::SupervisorMsg, vm_actor::VmMsg,
+    AgentStatus, LabelledOut, LearningSettings, Shared, VmStatus, emit::SampleLine,
+    supervisor::SupervisorMsg, vm_actor::VmMsg,
 };
 use crate::{
     arbiter::{self, Actuation, Inputs, VmInput},
@@ -34,6 +35,10 @@ pub(super) enum LoopMsg {
     VmRestarted(VmIndex, ActorRef<VmMsg>),
     /// The active model's version changed (for status).
     ModelVersion(Option<u64>),
+    /// Start a learning run (`id` names it for the coordinator; empty for a local run).
+    StartLearning(String, LearningSettings),
+    /// Stop the learning run.
+    StopLearning,
     /// Fails the actor, for supervision tests.
     #[doc(hidden)]
     InjectFault,
@@ -56,10 +61,27 @@ pub(super) struct LoopArgs {
 
 /// A learning run: the host's P-state schedule and a sweep per VM swept.
 struct Learning {
+    id: String,
+    settings: LearningSettings,
     schedule: Sweep,
-    plan: crate::learning::SweepPlan,
     vms: BTreeMap<VmIndex, Sweep>,
     joined: bool,
+    labelled: u64,
+    started_s: f64,
+}
+
+impl Learning {
+    fn new(id: String, settings: LearningSettings, now_s: f64) -> Self {
+        Self {
+            id,
+            schedule: Sweep::new(settings.plan),
+            settings,
+            vms: BTreeMap::new(),
+            joined: false,
+            labelled: 0,
+            started_s: now_s,
+        }
+    }
 }
 
 struct Entry {
@@ -82,8 +104,10 @@ pub(super) struct LoopState {
     applied: Actuation,
     sweep: Option<Learning>,
     labelled: u64,
+    labelled_dropped: u64,
     slices: u64,
     next_deadline: Option<Instant>,
+    paced_from: Option<(Instant, f64)>,
     model_version: Option<u64>,
     time_s: f64,
 }
@@ -108,13 +132,8 @@ impl Actor for HostLoop {
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let settings = &args.shared.settings;
-        let sweep = settings.learning.map(|l| Learning {
-            schedule: Sweep::new(l.plan),
-            plan: l.plan,
-            vms: BTreeMap::new(),
-            joined: false,
-        });
         let previous = args.status.borrow().clone();
+        let sweep = settings.learning.map(|l| Learning::new(String::new(), l, previous.time_s));
         myself.send_message(LoopMsg::Tick)?;
         Ok(LoopState {
             governor: Baseline::new(settings.fallback),
@@ -128,8 +147,10 @@ impl Actor for HostLoop {
             applied: Actuation::default(),
             sweep,
             labelled: previous.labelled_samples,
+            labelled_dropped: 0,
             slices: previous.slices,
             next_deadline: None,
+            paced_from: None,
             model_version: args.model_version,
             time_s: previous.time_s,
             shared: args.shared,
@@ -161,6 +182,15 @@ impl Actor for HostLoop {
                 }
             }
             LoopMsg::ModelVersion(v) => state.model_version = v,
+            LoopMsg::StartLearning(id, settings) => {
+                tracing::info!(learning = %id, "learning starts");
+                state.sweep = Some(Learning::new(id, settings, state.time_s));
+            }
+            LoopMsg::StopLearning => {
+                if let Some(l) = state.sweep.take() {
+                    tracing::info!(learning = %l.id, samples = l.labelled, "learning stopped");
+                }
+            }
             LoopMsg::InjectFault => return Err("fault injected into the host loop".into()),
         }
         Ok(())
@@ -170,7 +200,22 @@ impl Actor for HostLoop {
 impl LoopState {
     fn schedule_next(&mut self, myself: &ActorRef<LoopMsg>) -> Result<(), ActorProcessingErr> {
         if self.shared.lockstep {
-            myself.send_message(LoopMsg::Tick)?;
+            match self.shared.settings.pace {
+                None => myself.send_message(LoopMsg::Tick)?,
+                Some(pace) => {
+                    // Keep host time at `pace` times the wall clock.
+                    let start =
+                        *self.paced_from.get_or_insert_with(|| (Instant::now(), self.time_s));
+                    let due = start.0
+                        + Duration::from_secs_f64(((self.time_s - start.1) / pace).max(0.0));
+                    let now = Instant::now();
+                    if due > now {
+                        myself.send_after(due - now, || LoopMsg::Tick);
+                    } else {
+                        myself.send_message(LoopMsg::Tick)?;
+                    }
+                }
+            }
             return Ok(());
         }
         // Real clock: keep the cadence, whatever a slice cost.
@@ -338,7 +383,8 @@ impl LoopState {
         if !learning.joined {
             // The VMs present when learning starts are swept; VMs that appear later wait for
             // the next learning run, since their windows would not line up.
-            learning.vms = sample.vms.iter().map(|s| (s.vm, Sweep::new(learning.plan))).collect();
+            let plan = learning.settings.plan;
+            learning.vms = sample.vms.iter().map(|s| (s.vm, Sweep::new(plan))).collect();
             learning.joined = true;
         }
         let energy = sample.package_energy_j.unwrap_or(0.0);
@@ -365,6 +411,22 @@ impl LoopState {
             start_unix_ns: 0,
         });
         self.labelled += labelled.len() as u64;
+        learning.labelled += labelled.len() as u64;
+        if let Some(tx) = &self.shared.labelled {
+            for (vm, l) in &labelled {
+                let Some(e) = self.vms.get(vm) else { continue };
+                let out = LabelledOut {
+                    learning_id: learning.id.clone(),
+                    vm_uuid: e.info.uuid.clone(),
+                    pstate: l.pstate,
+                    counters: l.observation.counters.clone(),
+                    labels: l.labels,
+                };
+                if tx.try_send(out).is_err() {
+                    self.labelled_dropped += 1;
+                }
+            }
+        }
         if let Some(emitter) = &self.shared.emitter {
             for (vm, l) in labelled {
                 let Some(e) = self.vms.get(&vm) else { continue };
@@ -384,10 +446,11 @@ impl LoopState {
                 });
             }
         }
-        if let Some(l) = self.shared.settings.learning
-            && l.max_samples.is_some_and(|m| self.labelled >= m)
-        {
-            tracing::info!(samples = self.labelled, "learning done: sample target reached");
+        let by_samples = learning.settings.max_samples.is_some_and(|m| learning.labelled >= m);
+        let by_time =
+            learning.settings.max_seconds.is_some_and(|t| self.time_s - learning.started_s >= t);
+        if by_samples || by_time {
+            tracing::info!(learning = %learning.id, samples = learning.labelled, "learning done");
             self.sweep = None;
         }
     }

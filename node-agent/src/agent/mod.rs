@@ -44,6 +44,32 @@ pub struct LearningSettings {
     pub plan: SweepPlan,
     /// Stop learning after this many labelled samples.
     pub max_samples: Option<u64>,
+    /// Stop learning after this much host time, seconds.
+    pub max_seconds: Option<f64>,
+}
+
+/// A labelled slice on its way to the coordinator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelledOut {
+    /// The learning run (empty for a local run).
+    pub learning_id: String,
+    /// The VM's UUID.
+    pub vm_uuid: String,
+    /// The P-state it ran at.
+    pub pstate: usize,
+    /// Its counters.
+    pub counters: vmgov_proto::RawCounters,
+    /// Its ratios.
+    pub labels: Ratios,
+}
+
+/// Where the agent's outputs go.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    /// `--emit-samples`.
+    pub emitter: Option<Emitter>,
+    /// Labelled samples for the coordinator link (never waited on: a full queue drops).
+    pub labelled: Option<tokio::sync::mpsc::Sender<LabelledOut>>,
 }
 
 /// How the agent runs.
@@ -63,6 +89,8 @@ pub struct AgentSettings {
     pub max_slices: Option<u64>,
     /// On a lockstep (simulated) platform, stop once no VM is left.
     pub stop_when_idle: bool,
+    /// On a lockstep platform, run at this many times real time (none: flat out).
+    pub pace: Option<f64>,
 }
 
 impl Default for AgentSettings {
@@ -75,6 +103,7 @@ impl Default for AgentSettings {
             learning: None,
             max_slices: None,
             stop_when_idle: true,
+            pace: None,
         }
     }
 }
@@ -155,6 +184,7 @@ pub struct Shared {
     settings: AgentSettings,
     lockstep: bool,
     emitter: Option<Emitter>,
+    labelled: Option<tokio::sync::mpsc::Sender<LabelledOut>>,
 }
 
 impl std::fmt::Debug for dyn HostPlatform {
@@ -184,14 +214,75 @@ pub enum AgentError {
     Model(#[from] ModelError),
 }
 
+/// A cheap, cloneable handle that changes what a running agent decides with: the coordinator
+/// link holds one.
+#[derive(Debug, Clone)]
+pub struct AgentControl {
+    supervisor: ActorRef<SupervisorMsg>,
+    policy: Arc<std::sync::Mutex<Policy>>,
+    table: vmgov_proto::PStateTable,
+}
+
+impl AgentControl {
+    fn with_policy(&self, change: impl FnOnce(&mut Policy)) -> Result<(), AgentError> {
+        let policy = {
+            let mut p = self.policy.lock().map_err(|_| AgentError::Stopped)?;
+            change(&mut p);
+            p.clone()
+        };
+        self.supervisor
+            .send_message(SupervisorMsg::SetPolicy(Box::new(policy)))
+            .map_err(|_| AgentError::Stopped)
+    }
+
+    /// Swaps in a new model, validated first (against the host's P-states too): a bad model is
+    /// refused and the old one kept.
+    pub fn set_model(&self, model: &EnergyModel) -> Result<(), AgentError> {
+        model.check_host(&self.table)?;
+        let predictor = Arc::new(Predictor::new(model)?);
+        self.with_policy(|p| p.predictor = Some(predictor))
+    }
+
+    /// Replaces the thresholds.
+    pub fn set_thresholds(&self, thresholds: LocalThresholds) -> Result<(), AgentError> {
+        self.with_policy(|p| p.thresholds = thresholds)
+    }
+
+    /// The thresholds in force.
+    pub fn thresholds(&self) -> LocalThresholds {
+        self.policy.lock().map(|p| p.thresholds.clone()).unwrap_or_default()
+    }
+
+    /// The active model's version, if any.
+    pub fn model_version(&self) -> Option<u64> {
+        self.policy.lock().ok().and_then(|p| p.predictor.as_ref().map(|m| m.version()))
+    }
+
+    /// Starts a learning run.
+    pub fn start_learning(&self, id: &str, settings: LearningSettings) -> Result<(), AgentError> {
+        self.supervisor
+            .send_message(SupervisorMsg::StartLearning(id.into(), settings))
+            .map_err(|_| AgentError::Stopped)
+    }
+
+    /// Stops the learning run.
+    pub fn stop_learning(&self) -> Result<(), AgentError> {
+        self.supervisor.send_message(SupervisorMsg::StopLearning).map_err(|_| AgentError::Stopped)
+    }
+
+    /// The host's P-states.
+    pub const fn pstates(&self) -> &vmgov_proto::PStateTable {
+        &self.table
+    }
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
-    supervisor: ActorRef<SupervisorMsg>,
+    control: AgentControl,
     join: JoinHandle<()>,
     status: watch::Receiver<AgentStatus>,
     shared: Arc<Shared>,
-    policy: Policy,
 }
 
 impl Agent {
@@ -202,15 +293,38 @@ impl Agent {
         policy: Policy,
         emitter: Option<Emitter>,
     ) -> Result<Self, AgentError> {
+        Self::start_with(platform, settings, policy, Outputs { emitter, labelled: None }).await
+    }
+
+    /// Starts the actor tree with all its outputs.
+    pub async fn start_with(
+        platform: Box<dyn HostPlatform>,
+        settings: AgentSettings,
+        policy: Policy,
+        outputs: Outputs,
+    ) -> Result<Self, AgentError> {
         let lockstep = platform.lockstep();
-        let shared =
-            Arc::new(Shared { platform: Mutex::new(platform), settings, lockstep, emitter });
+        let table = platform.info().pstates;
+        let shared = Arc::new(Shared {
+            platform: Mutex::new(platform),
+            settings,
+            lockstep,
+            emitter: outputs.emitter,
+            labelled: outputs.labelled,
+        });
         let (tx, status) = watch::channel(AgentStatus::default());
         let args =
             SupervisorArgs { shared: Arc::clone(&shared), policy: policy.clone(), status: tx };
         let (supervisor, join) =
             Actor::spawn(None, HostSupervisor, args).await.map_err(AgentError::Spawn)?;
-        Ok(Self { supervisor, join, status, shared, policy })
+        let control =
+            AgentControl { supervisor, policy: Arc::new(std::sync::Mutex::new(policy)), table };
+        Ok(Self { control, join, status, shared })
+    }
+
+    /// A handle that changes the model, thresholds and learning of this agent.
+    pub fn control(&self) -> AgentControl {
+        self.control.clone()
     }
 
     /// The latest status.
@@ -236,40 +350,32 @@ impl Agent {
         }
     }
 
-    /// Swaps in a new model, validated first: a bad model is refused and the old one kept.
-    pub fn set_model(
-        &mut self,
-        model: &EnergyModel,
-        host: &vmgov_proto::PStateTable,
-    ) -> Result<(), AgentError> {
-        model.check_host(host)?;
-        let predictor = Predictor::new(model)?;
-        self.policy.predictor = Some(Arc::new(predictor));
-        self.push_policy()
+    /// Swaps in a new model (see [`AgentControl::set_model`]).
+    pub fn set_model(&self, model: &EnergyModel) -> Result<(), AgentError> {
+        self.control.set_model(model)
     }
 
     /// Replaces the thresholds.
-    pub fn set_thresholds(&mut self, thresholds: LocalThresholds) -> Result<(), AgentError> {
-        self.policy.thresholds = thresholds;
-        self.push_policy()
-    }
-
-    fn push_policy(&self) -> Result<(), AgentError> {
-        self.supervisor
-            .send_message(SupervisorMsg::SetPolicy(Box::new(self.policy.clone())))
-            .map_err(|_| AgentError::Stopped)
+    pub fn set_thresholds(&self, thresholds: LocalThresholds) -> Result<(), AgentError> {
+        self.control.set_thresholds(thresholds)
     }
 
     /// Fault injection for supervision tests: fails the host loop.
     #[doc(hidden)]
     pub fn fail_host_loop(&self) -> Result<(), AgentError> {
-        self.supervisor.send_message(SupervisorMsg::FailHostLoop).map_err(|_| AgentError::Stopped)
+        self.control
+            .supervisor
+            .send_message(SupervisorMsg::FailHostLoop)
+            .map_err(|_| AgentError::Stopped)
     }
 
     /// Fault injection for supervision tests: fails one VM's actor.
     #[doc(hidden)]
     pub fn fail_vm(&self, vm: VmIndex) -> Result<(), AgentError> {
-        self.supervisor.send_message(SupervisorMsg::FailVm(vm)).map_err(|_| AgentError::Stopped)
+        self.control
+            .supervisor
+            .send_message(SupervisorMsg::FailVm(vm))
+            .map_err(|_| AgentError::Stopped)
     }
 
     /// Runs `f` on the platform between two slices (tests and the lab: add a simulated VM,
@@ -291,7 +397,7 @@ impl Agent {
 
     /// Stops every actor, restores the host, and hands the platform back.
     pub async fn shutdown(self) -> Finished {
-        self.supervisor.stop(Some("shutdown".into()));
+        self.control.supervisor.stop(Some("shutdown".into()));
         self.wait().await
     }
 }

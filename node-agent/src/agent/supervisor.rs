@@ -28,6 +28,10 @@ pub(super) enum SupervisorMsg {
     StopVm(VmIndex),
     /// A new model or new thresholds.
     SetPolicy(Box<Policy>),
+    /// Start a learning run.
+    StartLearning(String, super::LearningSettings),
+    /// Stop the learning run.
+    StopLearning,
     /// Fails the host loop, for supervision tests.
     #[doc(hidden)]
     FailHostLoop,
@@ -194,6 +198,16 @@ impl Actor for HostSupervisor {
                 if let Some(l) = &state.host_loop {
                     let version = state.policy.predictor.as_ref().map(|p| p.version());
                     l.send_message(LoopMsg::ModelVersion(version)).ok();
+                }
+            }
+            SupervisorMsg::StartLearning(id, settings) => {
+                if let Some(l) = &state.host_loop {
+                    l.send_message(LoopMsg::StartLearning(id, settings)).ok();
+                }
+            }
+            SupervisorMsg::StopLearning => {
+                if let Some(l) = &state.host_loop {
+                    l.send_message(LoopMsg::StopLearning).ok();
                 }
             }
             SupervisorMsg::FailHostLoop => {

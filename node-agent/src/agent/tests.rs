@@ -70,6 +70,23 @@ async fn start(host: SimHost, settings: AgentSettings, policy: Policy) -> Agent 
     Agent::start(Box::new(SimPlatform::new(host)), settings, policy, None).await.unwrap()
 }
 
+/// Runs until `cond` holds (at most `within` more slices): messages to actors are asynchronous,
+/// so a test waits for their effect instead of counting slices.
+async fn wait_for(
+    agent: &mut Agent,
+    within: u64,
+    cond: impl Fn(&AgentStatus) -> bool,
+) -> AgentStatus {
+    let limit = agent.status().slices + within;
+    loop {
+        let next = agent.status().slices + 1;
+        let s = agent.wait_slices(next).await;
+        if cond(&s) || s.slices >= limit || s.finished {
+            return s;
+        }
+    }
+}
+
 fn sim_of(finished: &mut Finished) -> &mut SimPlatform {
     finished.platform.as_mut().unwrap().as_any_mut().downcast_mut::<SimPlatform>().unwrap()
 }
@@ -121,9 +138,11 @@ async fn a_model_swap_takes_effect_and_a_bad_model_is_refused() {
     .await;
     let s = agent.wait_slices(5).await;
     assert!(s.vms.iter().all(|v| v.pstate.is_none()));
-    agent.set_model(&model(&table(), 1), &table()).unwrap();
-    let s0 = agent.status().slices;
-    let s = agent.wait_slices(s0 + 20).await;
+    agent.set_model(&model(&table(), 1)).unwrap();
+    let s = wait_for(&mut agent, 1000, |s| {
+        s.model_version == Some(1) && s.vms.iter().all(|v| v.pstate.is_some())
+    })
+    .await;
     assert_eq!(s.model_version, Some(1));
     let lbm = s.vms.iter().find(|v| v.info.name == "lbm").unwrap();
     let namd = s.vms.iter().find(|v| v.info.name == "namd").unwrap();
@@ -134,11 +153,11 @@ async fn a_model_swap_takes_effect_and_a_bad_model_is_refused() {
 
     let mut bad = model(&table(), 2);
     bad.per_pstate[2].perf.coefficients[1] = f64::NAN;
-    assert!(matches!(agent.set_model(&bad, &table()), Err(AgentError::Model(_))));
+    assert!(matches!(agent.set_model(&bad), Err(AgentError::Model(_))));
     let other =
         PStateTable::new(vec![vmgov_proto::PState::new(1e9), vmgov_proto::PState::new(2e9)])
             .unwrap();
-    assert!(agent.set_model(&model(&other, 3), &table()).is_err());
+    assert!(agent.set_model(&model(&other, 3)).is_err());
     let s0 = agent.status().slices;
     let s = agent.wait_slices(s0 + 10).await;
     assert_eq!(s.model_version, Some(1), "the old model stays active");
@@ -148,18 +167,25 @@ async fn a_model_swap_takes_effect_and_a_bad_model_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_children_are_restarted_without_disturbing_the_others() {
-    let host = sim(vec![spec("a", "470.lbm", 0.01), spec("b", "444.namd", 0.01)]);
+    let host = sim(vec![spec("a", "470.lbm", 0.1), spec("b", "444.namd", 0.1)]);
     let policy = Policy { thresholds: thresholds(0.7), ..Policy::default() };
     let mut agent = start(host, AgentSettings::default(), policy).await;
-    agent.set_model(&model(&table(), 1), &table()).unwrap();
-    let now = agent.status().slices;
-    let before = agent.wait_slices(now + 20).await;
+    agent.set_model(&model(&table(), 1)).unwrap();
+    wait_for(&mut agent, 1000, |s| s.vms.iter().all(|v| v.pstate.is_some())).await;
     agent.fail_vm(0).unwrap();
-    let s = agent.wait_slices(before.slices + 30).await;
+    // Its replacement decides again (with the model it is started with), the other VM on.
+    let before = agent.status().slices;
+    let s = wait_for(&mut agent, 1000, |s| {
+        s.slices > before + 30 && s.vms.iter().all(|v| v.pstate.is_some())
+    })
+    .await;
     assert_eq!(s.vms.len(), 2);
     assert!(s.vms.iter().all(|v| v.pstate.is_some()), "both VMs decided again: {s:?}");
     agent.fail_host_loop().unwrap();
-    let s = agent.wait_slices(s.slices + 30).await;
+    let s = wait_for(&mut agent, 1000, |x| {
+        x.slices > s.slices + 30 && x.vms.iter().all(|v| v.pstate.is_some())
+    })
+    .await;
     assert!(
         s.vms.iter().all(|v| v.pstate.is_some()),
         "decisions continue after the loop restarted: {s:?}"
@@ -174,9 +200,8 @@ async fn dry_run_decides_but_never_acts_and_shutdown_restores() {
     let settings = AgentSettings { dry_run: true, ..AgentSettings::default() };
     let mut agent =
         start(host, settings, Policy { thresholds: thresholds(0.5), ..Policy::default() }).await;
-    agent.set_model(&model(&table(), 7), &table()).unwrap();
-    let now = agent.status().slices;
-    let s = agent.wait_slices(now + 30).await;
+    agent.set_model(&model(&table(), 7)).unwrap();
+    let s = wait_for(&mut agent, 1000, |s| s.vms.iter().all(|v| v.pstate.is_some())).await;
     assert!(s.dry_run);
     assert_eq!(s.vms[0].pstate, Some(0), "it decides");
     let untouched =
@@ -192,9 +217,8 @@ async fn dry_run_decides_but_never_acts_and_shutdown_restores() {
         Policy { thresholds: thresholds(0.5), ..Policy::default() },
     )
     .await;
-    agent.set_model(&model(&table(), 7), &table()).unwrap();
-    let now = agent.status().slices;
-    agent.wait_slices(now + 30).await;
+    agent.set_model(&model(&table(), 7)).unwrap();
+    wait_for(&mut agent, 1000, |s| s.cores.iter().any(|&p| p < 4)).await;
     let lowered =
         agent.with_platform(|p| (0..p.core_count()).any(|c| p.core_pstate(c).unwrap() < 4)).await;
     assert!(lowered, "the agent acted");
@@ -226,6 +250,7 @@ async fn learning_sweeps_the_pstates_and_labels_the_slices() {
         learning: Some(LearningSettings {
             plan: SweepPlan { pstates: 5, dwell_slices: 8, reference_slices: 4 },
             max_samples: Some(200),
+            max_seconds: None,
         }),
         max_slices: Some(400),
         ..AgentSettings::default()

@@ -1,10 +1,11 @@
 //! The platform layer: every contact with the machine goes through a narrow trait here, with a
 //! simulated backend ([`sim`]) that is a first-class platform (it is how vmgov is demonstrated,
-//! evaluated and tested on machines without DVFS), and a Linux backend to come (issue #4).
+//! evaluated and tested on machines without DVFS), and the real Linux KVM host ([`linux`]).
 //!
 //! The frequency interface is the one both the agent's arbiter and the baseline governors use,
 //! so that every policy is compared through the same knobs.
 
+pub mod linux;
 pub mod sim;
 
 use serde::Serialize;
@@ -92,8 +93,8 @@ pub struct HostInfo {
 }
 
 /// A whole host, as the agent drives it: the VMs on it, one timeslice's measurements at a time,
-/// and the frequency knobs. Backends: [`sim::SimPlatform`] (lockstep with the simulator) and the
-/// Linux backend (issue #4, in progress).
+/// and the frequency knobs. Backends: [`sim::SimPlatform`] (lockstep with the simulator) and
+/// [`linux::LinuxPlatform`] (the real host, on the wall clock).
 pub trait HostPlatform: FrequencyControl + Send {
     /// What the host is.
     fn info(&self) -> HostInfo;

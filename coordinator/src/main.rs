@@ -1,12 +1,15 @@
 //! `vmgov-coordinator`: thin entry point. Flags are parsed here; the work is in the library.
 #![allow(clippy::print_stderr, reason = "a command-line program reports where it listens")]
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 use tonic::transport::server::TcpIncoming;
-use vmgov_coordinator::{service::Coordinator, store::MemoryStore};
+use vmgov_coordinator::{
+    service::Coordinator,
+    store::{EtcdConfig, EtcdStore, MemoryStore},
+};
 
 /// vmgov coordinator: trains energy models per hardware class and pushes them to node agents.
 #[derive(Parser)]
@@ -24,6 +27,12 @@ struct Args {
     /// Training samples kept per hardware class.
     #[arg(long, default_value_t = 1_000_000)]
     sample_capacity: usize,
+    /// Key prefix in etcd (several fleets can share one etcd).
+    #[arg(long, default_value = "/vmgov/")]
+    etcd_prefix: String,
+    /// Leader lease TTL in etcd, seconds: a dead leader is replaced within about two of these.
+    #[arg(long, default_value_t = 10)]
+    leader_ttl_s: i64,
 }
 
 fn main() -> ExitCode {
@@ -45,11 +54,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if !args.etcd.is_empty() {
-        bail!(
-            "the etcd store is not wired in yet (issue #5, in progress); run without --etcd for the in-memory store"
-        );
-    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let incoming = TcpIncoming::bind(args.listen)
@@ -57,11 +61,30 @@ fn run(args: Args) -> anyhow::Result<()> {
             .with_nodelay(Some(true));
         let addr = incoming.local_addr().context("reading the bound address")?;
         let id = args.id.unwrap_or_else(|| format!("coordinator-{}", addr.port()));
-        let coordinator =
-            Coordinator::new(MemoryStore::new(args.sample_capacity), id, addr.to_string());
-        coordinator.lead().await?;
-        eprintln!("vmgov-coordinator: listening on {addr}");
-        vmgov_coordinator::serve(coordinator, incoming, shutdown_signal()).await?;
+        if args.etcd.is_empty() {
+            let coordinator =
+                Coordinator::new(MemoryStore::new(args.sample_capacity), id, addr.to_string());
+            coordinator.lead().await?;
+            eprintln!("vmgov-coordinator: listening on {addr} (in-memory store)");
+            vmgov_coordinator::serve(coordinator, incoming, shutdown_signal()).await?;
+        } else {
+            let config = EtcdConfig {
+                prefix: args.etcd_prefix.clone(),
+                leader_ttl_s: args.leader_ttl_s,
+                sample_capacity: args.sample_capacity,
+                ..EtcdConfig::new(args.etcd.clone())
+            };
+            let store = EtcdStore::connect(config)
+                .await
+                .with_context(|| format!("connecting to etcd at {}", args.etcd.join(",")))?;
+            let coordinator = Coordinator::new(store, id, addr.to_string());
+            // Followers serve agents and reads while they wait to lead.
+            let leadership =
+                tokio::spawn(coordinator.clone().maintain_leadership(Duration::from_millis(500)));
+            eprintln!("vmgov-coordinator: listening on {addr} (etcd {})", args.etcd.join(","));
+            vmgov_coordinator::serve(coordinator, incoming, shutdown_signal()).await?;
+            leadership.abort();
+        }
         Ok(())
     })
 }

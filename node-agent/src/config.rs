@@ -190,7 +190,8 @@ pub struct AgentConfig {
     /// Linux host.
     #[serde(default)]
     pub linux: LinuxConfig,
-    /// The coordinator to connect to (e.g. `http://10.0.0.5:7700`); none runs the agent alone.
+    /// The coordinators to connect to, comma-separated (e.g. `http://10.0.0.5:7700`); the link
+    /// moves to the next when one fails. None runs the agent alone.
     #[serde(default)]
     pub coordinator: Option<String>,
     /// Where the last model and thresholds and unsent samples are kept.
@@ -321,11 +322,16 @@ impl AgentConfig {
             return invalid("sim.speed", format!("{speed} must be a positive number"));
         }
         if let Some(c) = &self.coordinator
-            && !(c.starts_with("http://") || c.starts_with("https://"))
+            && let Some(bad) = c
+                .split(',')
+                .map(str::trim)
+                .find(|c| !(c.starts_with("http://") || c.starts_with("https://")))
         {
             return invalid(
                 "coordinator",
-                format!("{c:?} must be a URL such as http://10.0.0.5:7700"),
+                format!(
+                    "{bad:?} must be a URL such as http://10.0.0.5:7700 (several: comma-separated)"
+                ),
             );
         }
         if !(self.sim.noise.is_finite() && (0.0..1.0).contains(&self.sim.noise)) {

@@ -224,7 +224,11 @@ pub async fn run(
     let link = match &config.coordinator {
         Some(endpoint) => {
             let link_config = LinkConfig {
-                endpoint: endpoint.clone(),
+                endpoints: endpoint
+                    .split(',')
+                    .map(|e| e.trim().to_owned())
+                    .filter(|e| !e.is_empty())
+                    .collect(),
                 host_id: host_id(config),
                 hardware_class: info.hardware_class.clone(),
                 cache_dir: config.cache_dir.clone(),

@@ -121,6 +121,42 @@ impl<S: Store> Coordinator<S> {
         Ok(l)
     }
 
+    /// Keeps campaigning for leadership for as long as the process runs: leads when elected,
+    /// notices when the store names another leader (a lapsed lease, a partition) and campaigns
+    /// again. Followers serve agents and reads meanwhile; writes answer UNAVAILABLE naming the
+    /// leader.
+    pub async fn maintain_leadership(self, check_every: std::time::Duration) {
+        let mut backoff = std::time::Duration::from_millis(200);
+        loop {
+            let leadership = match self.lead().await {
+                Ok(l) => {
+                    backoff = std::time::Duration::from_millis(200);
+                    l
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "campaign failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    continue;
+                }
+            };
+            loop {
+                tokio::time::sleep(check_every).await;
+                match self.shared.store.leader().await {
+                    Ok(Some(l)) if l.epoch == leadership.epoch => {}
+                    // Unreachable store: keep the leadership; its writes are fenced anyway if it
+                    // was lost meanwhile.
+                    Err(StoreError::Unavailable(_)) => {}
+                    other => {
+                        tracing::warn!(epoch = leadership.epoch, now = ?other.ok().flatten(), "leadership lost");
+                        *self.shared.leadership.write().await = None;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// The `AgentService` server.
     pub fn agent_service(&self) -> pb::agent_service_server::AgentServiceServer<Self> {
         pb::agent_service_server::AgentServiceServer::new(self.clone())

@@ -35,8 +35,9 @@ use crate::{
 /// How the link runs.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// The coordinator, e.g. `http://127.0.0.1:7700`.
-    pub endpoint: String,
+    /// The coordinators, e.g. `http://127.0.0.1:7700`: any of them serves an agent; the link
+    /// moves to the next one when its stream fails.
+    pub endpoints: Vec<String>,
     /// This host's id.
     pub host_id: String,
     /// Hardware class reported.
@@ -101,30 +102,47 @@ pub async fn run(
     mut samples: mpsc::Receiver<LabelledOut>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
-    let endpoint = Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|_| LinkError::Endpoint { endpoint: config.endpoint.clone() })?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+    let endpoints = config
+        .endpoints
+        .iter()
+        .map(|e| {
+            Endpoint::from_shared(e.clone())
+                .map_err(|_| LinkError::Endpoint { endpoint: e.clone() })
+                .map(|ep| {
+                    ep.connect_timeout(Duration::from_secs(3))
+                        .http2_keep_alive_interval(Duration::from_secs(2))
+                        .keep_alive_timeout(Duration::from_secs(2))
+                        .keep_alive_while_idle(true)
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if endpoints.is_empty() {
+        return Err(LinkError::Endpoint { endpoint: String::new() });
+    }
     let cache = Cache::new(&config.cache_dir)?;
     let buffer = SampleBuffer::new(config.buffer.clone())?;
     let mut link = Link { config, control, info, cache, buffer, held: Held::default() };
     link.restore_from_cache();
     let mut backoff = Duration::from_millis(200);
+    let mut next = 0;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
+        let k = next % endpoints.len();
+        let name = link.config.endpoints[k].clone();
         let outcome = tokio::select! {
-            r = link.session(&endpoint, &mut status, &mut samples) => r,
+            r = link.session(&endpoints[k], &name, &mut status, &mut samples) => r,
             _ = shutdown.changed() => return Ok(()),
         };
         match outcome {
             Ok(()) => backoff = Duration::from_millis(200),
-            Err(e) => {
-                tracing::warn!(coordinator = %link.config.endpoint, error = %e, "coordinator link down; retrying")
-            }
+            Err(e) => tracing::warn!(coordinator = %name, error = %e, "coordinator link down"),
+        }
+        next += 1;
+        if next % endpoints.len() != 0 {
+            // Another coordinator may be up: try it at once.
+            continue;
         }
         // Jittered exponential backoff: agents that lost the same coordinator do not all come
         // back at the same instant.
@@ -246,6 +264,7 @@ impl Link {
     async fn session(
         &mut self,
         endpoint: &Endpoint,
+        name: &str,
         status: &mut watch::Receiver<AgentStatus>,
         samples: &mut mpsc::Receiver<LabelledOut>,
     ) -> Result<(), String> {
@@ -262,7 +281,7 @@ impl Link {
             .await
             .map_err(|e| format!("opening the stream: {e}"))?
             .into_inner();
-        tracing::info!(coordinator = %self.config.endpoint, "connected to the coordinator");
+        tracing::info!(coordinator = %name, "connected to the coordinator");
         for batch in self.buffer.unacked().map_err(|e| e.to_string())? {
             tx.send(send(pb::agent_message::Msg::Samples(batch)))
                 .await

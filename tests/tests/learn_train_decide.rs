@@ -190,3 +190,105 @@ async fn an_agent_learns_gets_a_trained_model_and_decides_with_it() {
     b.terminate(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// The training suite, one workload per simulated host, as learning mode runs it: the model
+/// trained on it must predict its own held-out folds well. Prints the cross-validated figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_training_suite_trains_an_accurate_model() {
+    let suite = [
+        "train-cpu",
+        "train-mem-light",
+        "train-mem-medium",
+        "train-mem-heavy",
+        "train-disk-read",
+        "train-disk-write",
+        "train-net-50",
+        "train-net-300",
+        "train-net-800",
+        "train-mix",
+    ];
+    let dir = std::env::temp_dir().join(format!("vmgov-suite-{}", std::process::id()));
+    let (coord, endpoint) = coordinator();
+    let mut client = fleet(&endpoint).await;
+    let mut agents: Vec<Daemon> = suite
+        .iter()
+        .map(|w| {
+            let mut cmd = Command::new(binary("vmgov-agent"));
+            cmd.args(["run", "--platform", "sim", "-w", w, "--scale", "20", "--speed", "20"])
+                .args(["--coordinator", &endpoint, "--host-id", w])
+                .arg("--cache-dir")
+                .arg(dir.join(w))
+                .env("RUST_LOG", "warn");
+            Daemon::spawn(w, cmd)
+        })
+        .collect();
+    eventually("every host to register", Duration::from_secs(60), || {
+        let mut c = client.clone();
+        async move {
+            let n =
+                c.list_hosts(pb::ListHostsRequest::default()).await.ok()?.into_inner().hosts.len();
+            (n == suite.len()).then_some(())
+        }
+    })
+    .await;
+    let started = client
+        .start_learning(pb::StartLearningRequest {
+            hardware_class: CLASS.into(),
+            host_ids: vec![],
+            plan: Some(pb::StartLearningCommand {
+                duration_seconds: 0.0,
+                sample_target: 1500,
+                dwell_seconds: 0.3,
+                reference_seconds: 0.1,
+                workloads: vec![],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = eventually("learning to finish on every host", Duration::from_secs(240), || {
+        let mut c = client.clone();
+        let id = started.learning_id.clone();
+        async move {
+            let s =
+                c.get_learning(pb::GetLearningRequest { learning_id: id }).await.ok()?.into_inner();
+            (s.state == pb::LearningState::Finished as i32).then_some(s)
+        }
+    })
+    .await;
+    let model = client
+        .train_model(pb::TrainModelRequest {
+            hardware_class: CLASS.into(),
+            folds: 5,
+            activate_if_better: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("training failed: {e}\n{}", coord.log()))
+        .into_inner();
+    let training = model.training.clone().unwrap_or_default();
+    eprintln!(
+        "training suite: {} samples from {} hosts; cross-validated mean MAPE perf {:.2}%, power {:.2}%, throughput {:.2}%",
+        training.sample_count,
+        done.hosts.len(),
+        100.0 * model.mean_mape_perf,
+        100.0 * model.mean_mape_power,
+        100.0 * model.mean_mape_throughput
+    );
+    for q in &training.quality {
+        eprintln!(
+            "  P-state {} {:?}: R² {:.3}, MAE {:.4}, MAPE {:.2}%",
+            q.pstate_index,
+            pb::Target::try_from(q.target),
+            q.r2,
+            q.mae,
+            100.0 * q.mape
+        );
+    }
+    assert!(training.sample_count >= 1500 * suite.len() as u64, "{training:?}");
+    assert!(model.mean_mape_perf < 0.10 && model.mean_mape_power < 0.10, "{model:?}");
+    for a in &mut agents {
+        a.terminate(Duration::from_secs(10));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

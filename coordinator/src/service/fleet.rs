@@ -99,11 +99,18 @@ impl<S: Store> Coordinator<S> {
                 };
                 #[allow(clippy::cast_precision_loss, reason = "sample counts are far below 2^53")]
                 let by_samples = if plan.sample_target > 0 {
-                    run.status.samples as f64 / plan.sample_target as f64
+                    run.status.samples as f64
+                        / (plan.sample_target as f64 * run.hosts.len().max(1) as f64)
                 } else {
                     0.0
                 };
-                run.status.fraction_done = by_time.max(by_samples).min(1.0);
+                // Every host said it is done (it stops on its own target or time).
+                let all_reported = run
+                    .hosts
+                    .iter()
+                    .all(|h| run.status.hosts.iter().any(|p| &p.host_id == h && p.finished));
+                run.status.fraction_done =
+                    if all_reported { 1.0 } else { by_time.max(by_samples).min(1.0) };
                 if run.status.fraction_done >= 1.0 {
                     run.status.state = pb::LearningState::Finished as i32;
                     let hosts = run.hosts.clone();

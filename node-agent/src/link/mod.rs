@@ -91,6 +91,10 @@ struct Link {
     cache: Cache,
     buffer: SampleBuffer,
     held: Held,
+    /// The learning run in progress (id, labelled samples when it started, its target).
+    learning: Option<(String, u64, u64)>,
+    /// Labelled samples the agent had produced at the last status seen.
+    labelled_so_far: u64,
 }
 
 /// Applies the cached model and thresholds, then runs the link until `shutdown` is set.
@@ -121,7 +125,16 @@ pub async fn run(
     }
     let cache = Cache::new(&config.cache_dir)?;
     let buffer = SampleBuffer::new(config.buffer.clone())?;
-    let mut link = Link { config, control, info, cache, buffer, held: Held::default() };
+    let mut link = Link {
+        config,
+        control,
+        info,
+        cache,
+        buffer,
+        held: Held::default(),
+        learning: None,
+        labelled_so_far: 0,
+    };
     link.restore_from_cache();
     let mut backoff = Duration::from_millis(200);
     let mut next = 0;
@@ -293,6 +306,7 @@ impl Link {
         loop {
             tokio::select! {
                 msg = inbound.next() => {
+                    self.labelled_so_far = status.borrow().labelled_samples;
                     let msg = msg.ok_or("the coordinator closed the stream")?.map_err(|e| format!("stream: {e}"))?;
                     self.handle(msg);
                 }
@@ -323,9 +337,38 @@ impl Link {
                 _ = summary.tick() => {
                     let s = status.borrow().clone();
                     tx.send(send(pb::agent_message::Msg::Decisions(self.summary(&s)))).await.map_err(|_| "the outgoing stream closed")?;
+                    if let Some(progress) = self.progress(&s) {
+                        tx.send(send(pb::agent_message::Msg::LearningProgress(progress))).await.map_err(|_| "the outgoing stream closed")?;
+                    }
                 }
             }
         }
+    }
+
+    /// Progress of the learning run in progress, if any; forgets a finished run once reported.
+    fn progress(&mut self, s: &AgentStatus) -> Option<pb::LearningProgress> {
+        let (id, at_start, target) = self.learning.clone()?;
+        let samples = s.labelled_samples.saturating_sub(at_start);
+        let finished = !s.learning && samples > 0;
+        if finished {
+            self.learning = None;
+        }
+        #[allow(clippy::cast_precision_loss, reason = "sample counts are far below 2^53")]
+        let fraction_done = if finished {
+            1.0
+        } else if target > 0 {
+            (samples as f64 / target as f64).min(1.0)
+        } else {
+            0.0
+        };
+        Some(pb::LearningProgress {
+            learning_id: id,
+            samples,
+            fraction_done,
+            finished,
+            error: String::new(),
+            host_id: self.config.host_id.clone(),
+        })
     }
 
     fn summary(&self, s: &AgentStatus) -> pb::DecisionSummary {
@@ -391,6 +434,11 @@ impl Link {
                 self.held.learning = Some(f);
                 let result = match cmd.command {
                     Some(pb::learning_command::Command::Start(plan)) => {
+                        self.learning = Some((
+                            cmd.learning_id.clone(),
+                            self.labelled_so_far,
+                            plan.sample_target,
+                        ));
                         self.control.start_learning(&cmd.learning_id, self.learning_settings(&plan))
                     }
                     Some(pb::learning_command::Command::Stop(_)) => self.control.stop_learning(),

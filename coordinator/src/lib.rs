@@ -21,17 +21,44 @@ use crate::{service::Coordinator, store::Store};
 /// HTTP/2 keep-alive on every stream: without it a stream to a frozen peer hangs forever.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 
-/// Serves both services on `incoming` until `shutdown` resolves.
+/// Serves both services on `incoming` until `shutdown` resolves, with gRPC health checking and
+/// server reflection so that generic clients (grpcurl, grpcio with reflection) work without our
+/// .proto files.
 pub async fn serve<S: Store>(
     coordinator: Coordinator<S>,
     incoming: TcpIncoming,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<vmgov_proto::pb::agent_service_server::AgentServiceServer<Coordinator<S>>>()
+        .await;
+    health
+        .set_serving::<vmgov_proto::pb::fleet_service_server::FleetServiceServer<Coordinator<S>>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vmgov_proto::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
     Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(coordinator.agent_service())
         .add_service(coordinator.fleet_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await?;
+    Ok(())
+}
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The transport failed.
+    #[error("serving gRPC")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptors.
+    #[error("building the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }

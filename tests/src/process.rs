@@ -1,6 +1,7 @@
 //! Our own binaries as separate processes, for tests where the point is real processes talking
-//! real gRPC: find the binary cargo built, start it, read what it logs, and stop it (SIGTERM
-//! first, so it can restore and flush; SIGKILL if it does not go) even when the test panics.
+//! real gRPC: find the binary cargo built, start it, read what it prints (standard output and
+//! error, interleaved by line), and stop it (SIGTERM first, so it can restore and flush; SIGKILL
+//! if it does not go) even when the test panics.
 
 use std::{
     io::{BufRead, BufReader},
@@ -43,21 +44,27 @@ impl Daemon {
     pub fn spawn(name: &str, mut cmd: Command) -> Self {
         let mut child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let log = Arc::new(Mutex::new(String::new()));
-        if let Some(stderr) = child.stderr.take() {
+        let collect = |stream: Box<dyn std::io::Read + Send>| {
             let log = Arc::clone(&log);
             thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if let Ok(mut l) = log.lock() {
                         l.push_str(&line);
                         l.push('\n');
                     }
                 }
             });
+        };
+        if let Some(out) = child.stdout.take() {
+            collect(Box::new(out));
+        }
+        if let Some(err) = child.stderr.take() {
+            collect(Box::new(err));
         }
         Self { name: name.into(), child, log }
     }

@@ -110,6 +110,13 @@ impl<S: Store> pb::agent_service_server::AgentService for Coordinator<S> {
         }
         self.shared.store.put_host(host.clone()).await?;
         tracing::info!(host = %host.host_id, class = %class, vms = host.vms.len(), "agent connected");
+        self.event(
+            &host.host_id,
+            pb::fleet_event::Event::HostConnected(pb::HostConnected {
+                hardware_class: class.clone(),
+                agent_version: host.agent_version.clone(),
+            }),
+        );
 
         let (tx, rx) = mpsc::channel(QUEUE);
         // The initial state: model (unless the agent holds it already), thresholds, learning.
@@ -205,6 +212,12 @@ impl<S: Store> pb::agent_service_server::AgentService for Coordinator<S> {
                 tracing::warn!(host = %host.host_id, error = %e, "could not deregister the host");
             }
             tracing::info!(host = %host.host_id, "agent disconnected");
+            me.event(
+                &host.host_id,
+                pb::fleet_event::Event::HostDisconnected(pb::HostDisconnected {
+                    reason: "stream ended".into(),
+                }),
+            );
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -247,6 +260,7 @@ impl<S: Store> Coordinator<S> {
                 let _ = tx.send(Ok(ack)).await;
             }
             Some(Msg::VmStarted(started)) => {
+                self.event(&host.host_id, pb::fleet_event::Event::VmStarted(started.clone()));
                 if let Some(vm) = started.vm {
                     host.vms.retain(|v| v.vm_id != vm.vm_id);
                     host.vms.push(vm_record(&vm));
@@ -254,6 +268,7 @@ impl<S: Store> Coordinator<S> {
                 }
             }
             Some(Msg::VmStopped(stopped)) => {
+                self.event(&host.host_id, pb::fleet_event::Event::VmStopped(stopped.clone()));
                 host.vms.retain(|v| v.vm_id != stopped.vm_id);
                 self.shared.store.put_host(host.clone()).await?;
             }

@@ -113,6 +113,7 @@ impl<S: Store> Coordinator<S> {
                     if all_reported { 1.0 } else { by_time.max(by_samples).min(1.0) };
                 if run.status.fraction_done >= 1.0 {
                     run.status.state = pb::LearningState::Finished as i32;
+                    me.event("", pb::fleet_event::Event::Learning(run.status.clone()));
                     let hosts = run.hosts.clone();
                     drop(runs);
                     tracing::info!(learning = %id, "learning finished");
@@ -150,6 +151,7 @@ impl<S: Store> pb::fleet_service_server::FleetService for Coordinator<S> {
             updated_by: r.updated_by,
         };
         self.shared.store.put_threshold(epoch, record.clone()).await?;
+        self.event("", pb::fleet_event::Event::ThresholdSet(entry(&record)));
         Ok(Response::new(entry(&record)))
     }
 
@@ -189,6 +191,7 @@ impl<S: Store> pb::fleet_service_server::FleetService for Coordinator<S> {
             .delete_threshold(epoch, &scope)
             .await?
             .ok_or_else(|| Status::not_found(format!("no threshold set at {scope}")))?;
+        self.event("", pb::fleet_event::Event::ThresholdDeleted((&scope).into()));
         Ok(Response::new(pb::DeleteThresholdResponse { removed: Some(entry(&removed)) }))
     }
 
@@ -388,7 +391,12 @@ impl<S: Store> pb::fleet_service_server::FleetService for Coordinator<S> {
                 tracing::info!(class = %class, version, "model activated");
             }
         }
-        Ok(Response::new(self.summarise(&class, version).await?))
+        let summary = self.summarise(&class, version).await?;
+        self.event("", pb::fleet_event::Event::ModelTrained(summary.clone()));
+        if summary.active {
+            self.event("", pb::fleet_event::Event::ModelActivated(summary.clone()));
+        }
+        Ok(Response::new(summary))
     }
 
     async fn activate_model(
@@ -398,7 +406,9 @@ impl<S: Store> pb::fleet_service_server::FleetService for Coordinator<S> {
         let r = request.into_inner();
         let epoch = self.leader_epoch().await?;
         self.shared.store.activate(epoch, &r.hardware_class, r.version).await?;
-        Ok(Response::new(self.summarise(&r.hardware_class, r.version).await?))
+        let summary = self.summarise(&r.hardware_class, r.version).await?;
+        self.event("", pb::fleet_event::Event::ModelActivated(summary.clone()));
+        Ok(Response::new(summary))
     }
 
     async fn rollback_model(
@@ -425,7 +435,9 @@ impl<S: Store> pb::fleet_service_server::FleetService for Coordinator<S> {
             r.version
         };
         self.shared.store.activate(epoch, &r.hardware_class, version).await?;
-        Ok(Response::new(self.summarise(&r.hardware_class, version).await?))
+        let summary = self.summarise(&r.hardware_class, version).await?;
+        self.event("", pb::fleet_event::Event::ModelActivated(summary.clone()));
+        Ok(Response::new(summary))
     }
 
     async fn start_learning(
@@ -464,6 +476,7 @@ impl<S: Store> pb::fleet_service_server::FleetService for Coordinator<S> {
             hosts_unreachable: missing,
         };
         let samples_at_start = self.shared.store.samples_seen(&r.hardware_class).await?;
+        self.event("", pb::fleet_event::Event::Learning(status.clone()));
         self.shared.learning.lock().await.push(LearningRun {
             status: status.clone(),
             samples_at_start,
@@ -585,8 +598,35 @@ impl<S: Store> pb::fleet_service_server::FleetService for Coordinator<S> {
 
     async fn watch_events(
         &self,
-        _request: Request<pb::WatchEventsRequest>,
+        request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        Err(Status::unimplemented("the fleet event stream arrives with issue #6"))
+        use pb::fleet_event::Event;
+        let kinds: Vec<i32> = request.into_inner().kinds;
+        let kind_of = |e: &Event| {
+            (match e {
+                Event::HostConnected(_) | Event::HostDisconnected(_) => pb::EventKind::Host,
+                Event::VmStarted(_) | Event::VmStopped(_) => pb::EventKind::Vm,
+                Event::ModelTrained(_) | Event::ModelActivated(_) => pb::EventKind::Model,
+                Event::ThresholdSet(_) | Event::ThresholdDeleted(_) => pb::EventKind::Threshold,
+                Event::Learning(_) => pb::EventKind::Learning,
+                Event::LeaderChanged(_) => pb::EventKind::Leader,
+                Event::ThresholdMissed(_) => pb::EventKind::Sla,
+            }) as i32
+        };
+        let events = tokio_stream::wrappers::BroadcastStream::new(self.shared.events.subscribe());
+        let stream = tokio_stream::StreamExt::filter_map(events, move |e| match e {
+            Ok(ev)
+                if kinds.is_empty()
+                    || ev.event.as_ref().is_some_and(|x| kinds.contains(&kind_of(x))) =>
+            {
+                Some(Ok(ev))
+            }
+            Ok(_) => None,
+            // A watcher too slow to keep up is told how many events it missed.
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Err(Status::data_loss(format!("{n} events were missed; watch again"))))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

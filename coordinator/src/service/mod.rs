@@ -77,6 +77,7 @@ pub struct Shared<S: Store> {
     learning: Mutex<Vec<LearningRun>>,
     decisions: Mutex<HashMap<String, pb::DecisionSummary>>,
     learning_generation: Mutex<u64>,
+    events: tokio::sync::broadcast::Sender<pb::FleetEvent>,
 }
 
 /// A coordinator: cheap to clone, one per process.
@@ -104,6 +105,7 @@ impl<S: Store> Coordinator<S> {
                 learning: Mutex::new(Vec::new()),
                 decisions: Mutex::new(HashMap::new()),
                 learning_generation: Mutex::new(0),
+                events: tokio::sync::broadcast::channel(1024).0,
             }),
         }
     }
@@ -118,7 +120,24 @@ impl<S: Store> Coordinator<S> {
         let l = self.shared.store.campaign(&self.shared.id, &self.shared.address).await?;
         tracing::info!(id = %self.shared.id, epoch = l.epoch, "leading");
         *self.shared.leadership.write().await = Some(l.clone());
+        self.event(
+            "",
+            pb::fleet_event::Event::LeaderChanged(pb::LeaderChanged {
+                leader_address: self.shared.address.clone(),
+                epoch: l.epoch,
+            }),
+        );
         Ok(l)
+    }
+
+    /// Announces a fleet event to `WatchEvents` subscribers.
+    pub(crate) fn event(&self, host_id: &str, event: pb::fleet_event::Event) {
+        // Nobody watching is fine.
+        let _ = self.shared.events.send(pb::FleetEvent {
+            at_unix_ms: now_unix_ms(),
+            event: Some(event),
+            host_id: host_id.into(),
+        });
     }
 
     /// Keeps campaigning for leadership for as long as the process runs: leads when elected,

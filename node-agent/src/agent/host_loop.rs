@@ -381,6 +381,11 @@ impl LoopState {
     fn learn(&mut self, sample: &HostSample) {
         let Some(learning) = self.sweep.as_mut() else { return };
         if !learning.joined {
+            // Nothing to sweep yet (learning started on a host with no VM): wait for the first
+            // VMs, with the host's schedule held at its start so their windows line up.
+            if sample.vms.is_empty() {
+                return;
+            }
             // The VMs present when learning starts are swept; VMs that appear later wait for
             // the next learning run, since their windows would not line up.
             let plan = learning.settings.plan;

@@ -12,7 +12,8 @@
 //! It also prints the model's accuracy: the cross-validated mean MAPE and R² per target (over the
 //! P-states) that training records, where the ±2 % uniform noise alone puts MAPE at about 1 %,
 //! and the MAPE against the noiseless law on 10,000 fresh samples, which is how close the
-//! model comes to the truth.
+//! model comes to the truth. Run without `--bench` (as `cargo test --all-targets` runs it) the
+//! bench only checks itself, on `TEST_SAMPLES` samples and one run.
 
 #![allow(clippy::print_stdout, reason = "a bench prints what it measured")]
 
@@ -27,8 +28,13 @@ use vmgov_proto::{Algorithm, Feature, Predictor, Target, features};
 const SAMPLES: usize = 1_000_000;
 const RUNS: usize = 5;
 const FRESH: usize = 10_000;
+/// Samples and runs when run as a test (`cargo test --all-targets` runs benches without
+/// `--bench`): a quick check that the bench works, as criterion's test mode does.
+const TEST_SAMPLES: usize = 10_000;
 
 fn main() {
+    let measure = std::env::args().any(|a| a == "--bench");
+    let (n, runs) = if measure { (SAMPLES, RUNS) } else { (TEST_SAMPLES, 1) };
     let req = TrainRequest {
         hardware_class: data::CLASS.into(),
         version: 1,
@@ -41,19 +47,19 @@ fn main() {
         notes: "bench".into(),
     };
     let start = Instant::now();
-    let samples = data::samples(SAMPLES, 7, data::NOISE);
+    let samples = data::samples(n, 7, data::NOISE);
     println!(
-        "train: generated {SAMPLES} samples in {:.2} s (not timed below)",
+        "train: generated {n} samples in {:.2} s (not timed below)",
         start.elapsed().as_secs_f64()
     );
 
-    let mut times = Vec::with_capacity(RUNS);
+    let mut times = Vec::with_capacity(runs);
     let mut model = None;
-    for run in 1..=RUNS {
+    for run in 1..=runs {
         let start = Instant::now();
         let m = train::train(black_box(&req), black_box(&samples)).expect("the samples train");
         let t = start.elapsed().as_secs_f64();
-        println!("train: run {run}/{RUNS}: {t:.3} s");
+        println!("train: run {run}/{runs}: {t:.3} s");
         times.push(t);
         model = Some(m);
     }
@@ -61,14 +67,14 @@ fn main() {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(
-        "train: {SAMPLES} samples, {} P-states, {} features, OLS, {} folds: median {median:.3} s \
-         (min {:.3} s, max {:.3} s over {RUNS} runs), {:.0} samples/s",
+        "train: {n} samples, {} P-states, {} features, OLS, {} folds: median {median:.3} s \
+         (min {:.3} s, max {:.3} s over {runs} runs), {:.0} samples/s",
         req.pstates.len(),
         req.features.len(),
         req.folds,
         times[0],
         times[times.len() - 1],
-        SAMPLES as f64 / median,
+        n as f64 / median,
     );
 
     let predictor = Predictor::new(&model).expect("a trained model compiles");

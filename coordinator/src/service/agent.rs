@@ -169,7 +169,11 @@ impl<S: Store> pb::agent_service_server::AgentService for Coordinator<S> {
                             Change::ActiveModel { class: c, .. } if c == class => {
                                 me.model_push(&class).await.ok().flatten().map(msg_model)
                             }
-                            Change::Thresholds(_) | Change::Hosts => {
+                            // A threshold changed somewhere: re-resolve this host's VMs. Host
+                            // registrations are not watched here: a host's own VM changes come
+                            // through its stream (see `handle`), and reacting to every host's
+                            // registration would cost O(hosts²) when a fleet connects.
+                            Change::Thresholds(_) => {
                                 let current =
                                     me.shared.store.hosts().await.ok().and_then(|hs| {
                                         hs.into_iter().find(|h| h.host_id == host_id)
@@ -265,6 +269,8 @@ impl<S: Store> Coordinator<S> {
                     host.vms.retain(|v| v.vm_id != vm.vm_id);
                     host.vms.push(vm_record(&vm));
                     self.shared.store.put_host(host.clone()).await?;
+                    // The new VM's thresholds.
+                    let _ = tx.send(Ok(msg_thresholds(self.threshold_push(host).await?))).await;
                 }
             }
             Some(Msg::VmStopped(stopped)) => {

@@ -40,7 +40,7 @@ use std::{
 pub use httperf::{HttperfArgs, HttperfReport, run_httperf};
 pub use image::{GuestImage, cache_dir};
 pub use netns::{NetNs, Tap};
-pub use procfs::{NetDevCounters, ProcIo, VcpuThread, vcpu_threads};
+pub use procfs::{NetDevCounters, ProcIo, VcpuThread, net_dev, proc_io, vcpu_threads};
 pub use qmp::{Qmp, QmpCpu};
 pub use shell::GuestOutput;
 
@@ -163,6 +163,9 @@ pub enum ParseError {
         /// Its text.
         value: String,
     },
+    /// A `/proc` file the agent's parser refused.
+    #[error(transparent)]
+    Proc(#[from] vmgov_agent::platform::linux::procfs::ParseError),
 }
 
 /// How to start a guest. `Default` gives the shape the tests use: 2 vCPUs, 256 MiB, 64 MiB disk.
@@ -378,12 +381,12 @@ impl<'ns> Guest<'ns> {
 
     /// QEMU's I/O counters (`/proc/PID/io`); `write_bytes` includes the guest's disk writes.
     pub fn proc_io(&self) -> Result<ProcIo, Error> {
-        ProcIo::read(self.pid)
+        proc_io(self.pid)
     }
 
     /// The counters of the guest's tap as QEMU's namespace shows them (`/proc/PID/net/dev`).
     pub fn tap_counters(&self) -> Result<NetDevCounters, Error> {
-        NetDevCounters::read(self.pid, &self.tap.name)
+        net_dev(self.pid, &self.tap.name)
     }
 
     /// The guest's kernel console so far (`ttyS0`), for diagnostics.

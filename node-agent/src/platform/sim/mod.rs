@@ -1130,5 +1130,28 @@ impl FrequencyControl for SimHost {
     }
 }
 
+/// Why a definition named by built-in name or by file path could not be read.
+pub(crate) enum DefinitionRead {
+    /// A bare word that is no file: it was meant as a built-in name, and is none.
+    Unknown,
+    /// The file could not be read.
+    Io(std::io::Error),
+}
+
+/// Reads the definition file `name_or_path` (the caller has already ruled out built-in names).
+pub(crate) fn read_definition(name_or_path: &str) -> Result<String, DefinitionRead> {
+    let path = std::path::Path::new(name_or_path);
+    std::fs::read_to_string(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound
+            && path.components().count() == 1
+            && path.extension().is_none_or(|e| e != "toml")
+        {
+            DefinitionRead::Unknown
+        } else {
+            DefinitionRead::Io(source)
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests;

@@ -212,16 +212,9 @@ impl Workload {
             return Self::builtin(name_or_path);
         }
         let path = Path::new(name_or_path);
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            // A bare word that is no file was meant as a built-in name: list those.
-            if source.kind() == std::io::ErrorKind::NotFound
-                && path.components().count() == 1
-                && path.extension().is_none_or(|e| e != "toml")
-            {
-                WorkloadError::Unknown(name_or_path.into())
-            } else {
-                WorkloadError::Read { path: path.into(), source }
-            }
+        let text = super::read_definition(name_or_path).map_err(|e| match e {
+            super::DefinitionRead::Unknown => WorkloadError::Unknown(name_or_path.into()),
+            super::DefinitionRead::Io(source) => WorkloadError::Read { path: path.into(), source },
         })?;
         Self::parse(&text, path)
     }

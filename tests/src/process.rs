@@ -91,6 +91,17 @@ impl Daemon {
         }
     }
 
+    /// Waits (up to 30 s) for a daemon of ours to log `listening on ADDR` (it binds port 0, so
+    /// only its log knows the port) and returns ADDR (`host:port`).
+    pub fn wait_for_listen_address(&self) -> String {
+        let line = self.wait_for_line("listening on ", Duration::from_secs(30));
+        line.split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -25,12 +25,7 @@ fn coordinator(etcd: &str, id: &str) -> (Daemon, String) {
         .args(["--leader-ttl-s", &LEADER_TTL_S.to_string()])
         .env("RUST_LOG", "info");
     let d = Daemon::spawn(id, cmd);
-    let line = d.wait_for_line("listening on", Duration::from_secs(30));
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_default();
+    let addr = d.wait_for_listen_address();
     let url = format!("http://{addr}");
     (d, url)
 }

@@ -18,13 +18,7 @@ fn coordinator() -> (Daemon, String) {
     let mut cmd = Command::new(binary("vmgov-coordinator"));
     cmd.args(["--listen", "127.0.0.1:0"]).env("RUST_LOG", "info");
     let d = Daemon::spawn("coordinator", cmd);
-    let line = d.wait_for_line("listening on", Duration::from_secs(30));
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_default()
-        .to_owned();
+    let addr = d.wait_for_listen_address();
     (d, format!("http://{addr}"))
 }
 

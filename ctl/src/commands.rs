@@ -226,6 +226,7 @@ pub(crate) async fn status(
             "pred perf",
             "pred power",
             "pred thrp",
+            "saved",
             "model",
             "state",
         ]);
@@ -235,6 +236,7 @@ pub(crate) async fn status(
                     h.host_id.clone(),
                     h.hardware_class.clone(),
                     "-".into(),
+                    "".into(),
                     "".into(),
                     "".into(),
                     "".into(),
@@ -264,6 +266,7 @@ pub(crate) async fn status(
                     num(p.perf),
                     num(p.power),
                     num(p.throughput),
+                    saved(d.energy_joules, d.energy_saved_joules),
                     if d.model_version > 0 { format!("v{}", d.model_version) } else { "-".into() },
                     state,
                 ]);
@@ -271,6 +274,15 @@ pub(crate) async fn status(
         }
         t
     })
+}
+
+/// Energy saved against f_max, in joules and as a share of what f_max would have spent.
+fn saved(energy_j: f64, saved_j: f64) -> String {
+    let at_fmax = energy_j + saved_j;
+    if energy_j <= 0.0 || at_fmax <= 0.0 {
+        return "-".into();
+    }
+    format!("{saved_j:.1} J ({:.0}%)", 100.0 * saved_j / at_fmax)
 }
 
 /// `vmgov models ...`

@@ -27,6 +27,16 @@ pub struct Ratios {
 impl Ratios {
     /// All three ratios equal to 1: running at f_max.
     pub const ONE: Self = Self { perf: 1.0, power: 1.0, throughput: 1.0 };
+
+    /// The energy the same work would have taken at f_max, given `energy_j` spent at the
+    /// P-state these ratios describe: the energy ratio is power / perf (power at f times the
+    /// longer runtime, against f_max's), so E_fmax = E * perf / power. `None` when the ratios
+    /// cannot say (power or perf not positive and finite).
+    pub fn energy_at_fmax(&self, energy_j: f64) -> Option<f64> {
+        let usable = |x: f64| x.is_finite() && x > 0.0;
+        (usable(self.perf) && usable(self.power) && energy_j.is_finite())
+            .then(|| energy_j * self.perf / self.power)
+    }
 }
 
 /// Why a prediction could not be made.
@@ -205,6 +215,16 @@ mod tests {
         m.per_pstate[0].power.intercept = f64::NAN;
         assert!(Predictor::new(&m).is_err());
         assert!(matches!(m.predict(&FeatureVector::new()), Err(PredictError::Model(_))));
+    }
+
+    #[test]
+    fn energy_at_fmax_follows_the_energy_ratio() {
+        assert_eq!(Ratios::ONE.energy_at_fmax(3.0), Some(3.0));
+        // Half the power for 80% of the speed: f_max would have spent 1.6x the energy.
+        let r = Ratios { perf: 0.8, power: 0.5, throughput: 1.0 };
+        assert!((r.energy_at_fmax(10.0).unwrap() - 16.0).abs() < 1e-12);
+        assert_eq!(Ratios { power: 0.0, ..r }.energy_at_fmax(1.0), None);
+        assert_eq!(Ratios { perf: f64::NAN, ..r }.energy_at_fmax(1.0), None);
     }
 
     proptest! {

@@ -204,6 +204,20 @@ fn every_vmgov_command_against_a_live_coordinator() {
         v.ok(&["status"]).lines().filter(|l| l.contains("deciding") && l.contains("v1")).count()
             == 2
     });
+    // Each VM is charged its share of the package energy, and the table shows what was saved.
+    eventually("energy estimates in the status", Duration::from_secs(30), || {
+        let vms: Vec<_> = v.json(&["status"])["hosts"]
+            .as_array()
+            .map(|hs| hs.iter().flat_map(|h| h["vms"].as_array().cloned().unwrap_or_default()))
+            .into_iter()
+            .flatten()
+            .collect();
+        vms.len() == 2
+            && vms
+                .iter()
+                .all(|vm| vm["decision"]["energy_joules"].as_f64().is_some_and(|e| e > 0.0))
+    });
+    assert!(v.ok(&["status"]).contains("saved"), "the status table has a saved column");
 
     // The event stream saw what happened.
     eventually("model and threshold events", Duration::from_secs(10), || {

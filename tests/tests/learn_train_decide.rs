@@ -140,7 +140,7 @@ async fn an_agent_learns_gets_a_trained_model_and_decides_with_it() {
     assert!(trained.mean_mape_perf < 0.1, "perf MAPE {}", trained.mean_mape_perf);
 
     // The model reaches the agent, which decides with it: a memory-heavy VM held at 70% speed
-    // runs below f_max.
+    // runs below f_max, and saves energy by the estimate the status reports.
     let decision = eventually("the agent to decide with model v1", Duration::from_secs(30), || {
         let mut c = client.clone();
         async move {
@@ -148,12 +148,14 @@ async fn an_agent_learns_gets_a_trained_model_and_decides_with_it() {
                 c.list_hosts(pb::ListHostsRequest::default()).await.ok()?.into_inner().hosts;
             let d =
                 hosts.into_iter().find(|h| h.host_id == "sim-1")?.vms.first()?.decision.clone()?;
-            (d.model_version == 1 && !d.fallback).then_some(d)
+            (d.model_version == 1 && !d.fallback && d.energy_saved_joules > 0.0).then_some(d)
         }
     })
     .await;
     assert!(decision.pstate_index < 4, "{decision:?}");
     assert!(decision.predicted.as_ref().is_some_and(|r| r.perf >= 0.7), "{decision:?}");
+    // Running below f_max is estimated to save energy, less than f_max would have spent.
+    assert!(decision.energy_saved_joules < decision.energy_joules, "{decision:?}");
     assert!(
         a.terminate(Duration::from_secs(10)),
         "the agent did not stop on SIGTERM:\n{}",

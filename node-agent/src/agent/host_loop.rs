@@ -88,6 +88,15 @@ struct Entry {
     info: VmInfo,
     actor: ActorRef<VmMsg>,
     last: Option<VmChoice>,
+    /// Estimated energy since the agent started (J), and saved against f_max (J).
+    energy_j: f64,
+    saved_j: f64,
+}
+
+impl Entry {
+    fn new(info: VmInfo, actor: ActorRef<VmMsg>) -> Self {
+        Self { info, actor, last: None, energy_j: 0.0, saved_j: 0.0 }
+    }
 }
 
 /// The actor.
@@ -141,7 +150,7 @@ impl Actor for HostLoop {
             vms: args
                 .vms
                 .into_iter()
-                .map(|(id, (info, actor))| (id, Entry { info, actor, last: None }))
+                .map(|(id, (info, actor))| (id, Entry::new(info, actor)))
                 .collect(),
             status: args.status,
             applied: Actuation::default(),
@@ -260,6 +269,7 @@ impl LoopState {
         if self.sweep.is_some() {
             self.learn(&sample);
         } else {
+            self.account(&sample);
             self.decide(&sample, platform.as_mut()).await?;
         }
         self.publish(&sample, false);
@@ -291,7 +301,7 @@ impl LoopState {
                 .await?;
             match reply {
                 CallResult::Success(Ok(actor)) => {
-                    self.vms.insert(info.id, Entry { info, actor, last: None });
+                    self.vms.insert(info.id, Entry::new(info, actor));
                 }
                 CallResult::Success(Err(e)) => {
                     tracing::warn!(vm = %info.name, error = %e, "could not start the VM's actor; will retry")
@@ -460,6 +470,33 @@ impl LoopState {
         }
     }
 
+    /// Estimates each VM's energy over the slice just run and, where it ran at a P-state of its
+    /// own choice, the energy f_max would have taken for the same work. Package meters are not
+    /// per VM: a VM is given the package's energy in proportion to its share of all core time,
+    /// so idle cores and the uncore are not charged to anyone. In dry-run nothing was set, so
+    /// nothing was saved.
+    fn account(&mut self, sample: &HostSample) {
+        let Some(package_j) = sample.package_energy_j else { return };
+        #[allow(clippy::cast_precision_loss, reason = "core counts and nanoseconds fit f64")]
+        let core_ns = sample.cores.len() as f64 * sample.timeslice_s * 1e9;
+        if core_ns <= 0.0 || !core_ns.is_finite() {
+            return;
+        }
+        let acting = !self.shared.settings.dry_run;
+        for s in &sample.vms {
+            let Some(e) = self.vms.get_mut(&s.vm) else { continue };
+            #[allow(clippy::cast_precision_loss, reason = "nanoseconds per slice fit f64")]
+            let energy_j = package_j * (s.counters.cpu_time_ns as f64 / core_ns).min(1.0);
+            e.energy_j += energy_j;
+            let ran_its_choice = e.last.as_ref().filter(|c| acting && c.pstate.is_some());
+            if let Some(at_fmax) =
+                ran_its_choice.and_then(|c| c.predicted).and_then(|r| r.energy_at_fmax(energy_j))
+            {
+                e.saved_j += at_fmax - energy_j;
+            }
+        }
+    }
+
     /// Emits sample lines (outside learning) and publishes the status.
     fn publish(&mut self, sample: &HostSample, finished: bool) {
         if self.sweep.is_none()
@@ -504,6 +541,8 @@ impl LoopState {
                         .last
                         .as_ref()
                         .and_then(|c| c.fallback.as_ref().map(ToString::to_string)),
+                    energy_j: e.energy_j,
+                    energy_saved_j: e.saved_j,
                 })
                 .collect(),
             finished,

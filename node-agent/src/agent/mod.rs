@@ -150,6 +150,13 @@ pub struct VmStatus {
     pub predicted: Option<Ratios>,
     /// Why it runs on the fallback governor, if it does.
     pub fallback: Option<String>,
+    /// Estimated energy since the agent started, joules: its share of the package meter by core
+    /// time (0 without a meter).
+    pub energy_j: f64,
+    /// Estimated energy saved against running the same work at f_max since the agent started,
+    /// joules (negative where a lower P-state cost more): from the predicted ratios of the
+    /// P-states it ran at.
+    pub energy_saved_j: f64,
 }
 
 /// What the agent is doing.

@@ -207,6 +207,9 @@ async fn dry_run_decides_but_never_acts_and_shutdown_restores() {
     let untouched =
         agent.with_platform(|p| (0..p.core_count()).all(|c| p.core_pstate(c).unwrap() == 4)).await;
     assert!(untouched, "dry-run changed a core's frequency");
+    let s = wait_for(&mut agent, 1000, |s| s.vms[0].energy_j > 1.0).await;
+    assert!(s.vms[0].energy_j > 1.0, "energy is attributed: {s:?}");
+    assert!(s.vms[0].energy_saved_j.abs() < f64::EPSILON, "nothing saved in dry-run: {s:?}");
     agent.shutdown().await;
 
     // Acting for real, then stopping: every setting goes back.
@@ -222,6 +225,11 @@ async fn dry_run_decides_but_never_acts_and_shutdown_restores() {
     let lowered =
         agent.with_platform(|p| (0..p.core_count()).any(|c| p.core_pstate(c).unwrap() < 4)).await;
     assert!(lowered, "the agent acted");
+    // lbm at the lowest P-state: the model says 0.5x power for more than 0.5x speed, so the
+    // estimate must show a saving, and below what f_max would have spent.
+    let s = wait_for(&mut agent, 1000, |s| s.vms[0].energy_saved_j > 0.5).await;
+    let vm = &s.vms[0];
+    assert!(vm.energy_saved_j > 0.5 && vm.energy_saved_j < vm.energy_j, "{s:?}");
     let mut done = agent.shutdown().await;
     let sim = sim_of(&mut done);
     assert!((0..4).all(|c| sim.core_pstate(c).unwrap() == 4));

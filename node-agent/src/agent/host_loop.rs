@@ -473,8 +473,8 @@ impl LoopState {
     /// Estimates each VM's energy over the slice just run and, where it ran at a P-state of its
     /// own choice, the energy f_max would have taken for the same work. Package meters are not
     /// per VM: a VM is given the package's energy in proportion to its share of all core time,
-    /// so idle cores and the uncore are not charged to anyone. In dry-run nothing was set, so
-    /// nothing was saved.
+    /// so the share matching idle core time is charged to no one. In dry-run nothing was set, so
+    /// nothing was saved. The sums restart with the loop (a restarted loop starts from zero).
     fn account(&mut self, sample: &HostSample) {
         let Some(package_j) = sample.package_energy_j else { return };
         #[allow(clippy::cast_precision_loss, reason = "core counts and nanoseconds fit f64")]

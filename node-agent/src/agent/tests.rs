@@ -225,11 +225,16 @@ async fn dry_run_decides_but_never_acts_and_shutdown_restores() {
     let lowered =
         agent.with_platform(|p| (0..p.core_count()).any(|c| p.core_pstate(c).unwrap() < 4)).await;
     assert!(lowered, "the agent acted");
-    // lbm at the lowest P-state: the model says 0.5x power for more than 0.5x speed, so the
-    // estimate must show a saving, and below what f_max would have spent.
+    // lbm at the lowest P-state: the model says ~0.4x power for ~0.97x speed, so the estimate
+    // must show a saving. The saved share of what f_max would have spent can never exceed the
+    // share the ratios imply (1 - power/perf); it is lower by the slices run at f_max before
+    // the model arrived, however many those were.
     let s = wait_for(&mut agent, 1000, |s| s.vms[0].energy_saved_j > 0.5).await;
     let vm = &s.vms[0];
-    assert!(vm.energy_saved_j > 0.5 && vm.energy_saved_j < vm.energy_j, "{s:?}");
+    let r = vm.predicted.expect("a VM with a decision has a prediction");
+    let share = vm.energy_saved_j / (vm.energy_j + vm.energy_saved_j);
+    assert!(vm.energy_saved_j > 0.5, "{s:?}");
+    assert!(share <= 1.0 - r.power / r.perf + 0.05, "saved share {share}: {s:?}");
     let mut done = agent.shutdown().await;
     let sim = sim_of(&mut done);
     assert!((0..4).all(|c| sim.core_pstate(c).unwrap() == 4));

@@ -1,12 +1,10 @@
 //! vmgov coordinator.
 //!
-//! Built: [`train`] (one model per hardware class from labelled samples: smartcore, screened,
-//! cross-validated), [`store`] (the state behind one trait, with the in-memory backend and the
-//! conformance suite every backend passes), and [`service`] (`AgentService.Connect` and
-//! `FleetService` over any store), served by [`serve`].
-//!
-//! In progress (issue #5): the etcd store, leader election across coordinators with epoch
-//! fencing, the failover test and the benchmarks.
+//! [`train`] fits one model per hardware class from labelled samples (smartcore, screened,
+//! cross-validated); [`store`] keeps the state behind one trait, with the in-memory and etcd
+//! backends and the conformance suite both pass; [`service`] serves `AgentService.Connect` and
+//! `FleetService` over any store, and keeps leadership across coordinators with epoch fencing
+//! when the store is etcd. [`serve`] puts them on a socket with health checking and reflection.
 
 pub mod service;
 pub mod store;

@@ -223,9 +223,9 @@ pub(crate) async fn status(
             "class",
             "VM",
             "GHz",
-            "pred perf",
-            "pred power",
-            "pred thrp",
+            "predicted perf/power/thrp",
+            "observed perf/power/thrp",
+            "thresholds",
             "saved",
             "model",
             "state",
@@ -248,13 +248,12 @@ pub(crate) async fn status(
             for v in &h.vms {
                 let name = v.vm.as_ref().map(|v| v.name.clone()).unwrap_or_default();
                 let d = v.decision.clone().unwrap_or_default();
-                let p = d.predicted.unwrap_or_default();
-                let has = d.predicted.is_some();
-                let num = |x: f64| if has { format!("{x:.2}") } else { "-".into() };
                 let state = if d.fallback {
                     format!("fallback: {}", d.fallback_reason)
                 } else if h.dry_run {
                     "dry-run".into()
+                } else if d.below_thresholds() {
+                    "deciding, BELOW THRESHOLDS".into()
                 } else {
                     "deciding".into()
                 };
@@ -263,9 +262,12 @@ pub(crate) async fn status(
                     h.hardware_class.clone(),
                     name,
                     format!("{:.2}", d.frequency_hz / 1e9),
-                    num(p.perf),
-                    num(p.power),
-                    num(p.throughput),
+                    ratios(d.predicted.as_ref()),
+                    ratios(d.observed.as_ref()),
+                    d.thresholds.map_or_else(
+                        || "-".into(),
+                        |t| format!("{:.2}/{:.2}", t.perf, t.throughput),
+                    ),
                     saved(d.energy_joules, d.energy_saved_joules),
                     if d.model_version > 0 { format!("v{}", d.model_version) } else { "-".into() },
                     state,
@@ -274,6 +276,15 @@ pub(crate) async fn status(
         }
         t
     })
+}
+
+/// Ratios as `perf/power/thrp`, `-` where there are none or one is unknown (no energy meter).
+fn ratios(r: Option<&pb::Ratios>) -> String {
+    let num = |x: f64| if x.is_finite() { format!("{x:.2}") } else { "-".into() };
+    r.map_or_else(
+        || "-".into(),
+        |r| format!("{}/{}/{}", num(r.perf), num(r.power), num(r.throughput)),
+    )
 }
 
 /// Energy saved against f_max, in joules and as a share of what f_max would have spent.
@@ -729,6 +740,68 @@ pub(crate) async fn predict(c: &mut Client, a: &PredictArgs, out: Output) -> Res
     })
 }
 
+/// One event in a line: its kind's name first (for grep), then what it says.
+fn describe(e: &pb::fleet_event::Event) -> String {
+    use pb::fleet_event::Event;
+    let model = |m: &pb::ModelSummary| {
+        format!(
+            "class {} version {} (cross-validated MAPE perf {:.1}%, power {:.1}%, throughput {:.1}%)",
+            m.hardware_class,
+            m.version,
+            100.0 * m.mean_mape_perf,
+            100.0 * m.mean_mape_power,
+            100.0 * m.mean_mape_throughput
+        )
+    };
+    let pair = |t: Option<&pb::Thresholds>| {
+        t.map_or_else(
+            || "-".into(),
+            |t| format!("perf {:.2}, throughput {:.2}", t.perf, t.throughput),
+        )
+    };
+    match e {
+        Event::HostConnected(h) => {
+            format!("HostConnected: class {}, agent {}", h.hardware_class, h.agent_version)
+        }
+        Event::HostDisconnected(h) => format!("HostDisconnected: {}", h.reason),
+        Event::VmStarted(v) => {
+            let vm = v.vm.clone().unwrap_or_default();
+            format!("VmStarted: {} ({}), {} vCPUs", vm.name, vm.vm_id, vm.vcpus)
+        }
+        Event::VmStopped(v) => format!("VmStopped: {}", v.vm_id),
+        Event::ModelTrained(m) => format!("ModelTrained: {}", model(m)),
+        Event::ModelActivated(m) => format!("ModelActivated: {}", model(m)),
+        Event::ThresholdSet(t) => format!(
+            "ThresholdSet: {} = {} by {:?}",
+            scope_text(t.scope.as_ref()),
+            pair(t.thresholds.as_ref()),
+            t.updated_by
+        ),
+        Event::ThresholdDeleted(scope) => format!("ThresholdDeleted: {}", scope_text(Some(scope))),
+        Event::Learning(l) => format!(
+            "Learning: {} on {} is {}, {} samples, {:.0}% done",
+            l.learning_id,
+            l.hardware_class,
+            l.state().as_str_name().trim_start_matches("LEARNING_STATE_").to_lowercase(),
+            l.samples,
+            100.0 * l.fraction_done
+        ),
+        Event::LeaderChanged(l) => {
+            format!("LeaderChanged: {} leads, epoch {}", l.leader_address, l.epoch)
+        }
+        Event::ThresholdMissed(m) => {
+            let o = m.observed.unwrap_or_default();
+            format!(
+                "ThresholdMissed: VM {} observed perf {:.2}, throughput {:.2} against thresholds {}",
+                m.vm_id,
+                o.perf,
+                o.throughput,
+                pair(m.thresholds.as_ref())
+            )
+        }
+    }
+}
+
 /// Follows the fleet's events until interrupted, one line (or JSON object) each.
 pub(crate) async fn events(c: &mut Client, kinds: &[String], out: Output) -> Result<(), Failure> {
     let kinds = kinds
@@ -749,10 +822,10 @@ pub(crate) async fn events(c: &mut Client, kinds: &[String], out: Output) -> Res
         match out {
             Output::Json => println!("{}", serde_json::to_string(&e).unwrap_or_default()),
             Output::Table => println!(
-                "{} {}{:?}",
+                "{} {}{}",
                 e.at_unix_ms,
                 if e.host_id.is_empty() { String::new() } else { format!("host {} ", e.host_id) },
-                e.event
+                e.event.as_ref().map_or_else(|| "(empty event)".into(), describe)
             ),
         }
     }

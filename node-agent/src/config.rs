@@ -11,7 +11,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmgov_proto::{Objective, Thresholds};
 
-use crate::{agent::LocalThresholds, arbiter::ArbiterPolicy, governor::GovernorKind};
+use crate::{
+    agent::LocalThresholds,
+    arbiter::ArbiterPolicy,
+    governor::GovernorKind,
+    verify::{PlanError, VerifyPlan},
+};
 
 /// Which platform backend drives the host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +59,46 @@ impl Default for LearningConfig {
             reference_slices: default_reference(),
             max_samples: None,
         }
+    }
+}
+
+/// `[verify]`: the verification windows that measure what each VM's P-state really costs it
+/// (see [`crate::verify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Length of a cycle, slices; 0 turns verification off.
+    pub every_slices: u32,
+    /// Slices at the VM's own choice, between the two references.
+    pub measured_slices: u32,
+    /// Slices of each f_max reference.
+    pub reference_slices: u32,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        let p = VerifyPlan::default();
+        Self {
+            every_slices: p.every_slices,
+            measured_slices: p.measured_slices,
+            reference_slices: p.reference_slices,
+        }
+    }
+}
+
+impl VerifyConfig {
+    /// The plan, `None` when verification is off.
+    pub fn plan(self) -> Result<Option<VerifyPlan>, PlanError> {
+        if self.every_slices == 0 {
+            return Ok(None);
+        }
+        VerifyPlan {
+            every_slices: self.every_slices,
+            measured_slices: self.measured_slices,
+            reference_slices: self.reference_slices,
+        }
+        .validate()
+        .map(Some)
     }
 }
 
@@ -184,6 +229,9 @@ pub struct AgentConfig {
     /// Learning mode from the start.
     #[serde(default)]
     pub learning: Option<LearningConfig>,
+    /// Verification windows.
+    #[serde(default)]
+    pub verify: VerifyConfig,
     /// Simulated host.
     #[serde(default)]
     pub sim: SimConfigFile,
@@ -243,6 +291,7 @@ impl Default for AgentConfig {
             model: None,
             thresholds: ThresholdsConfig::default(),
             learning: None,
+            verify: VerifyConfig::default(),
             sim: SimConfigFile::default(),
             linux: LinuxConfig::default(),
             coordinator: None,
@@ -313,6 +362,9 @@ impl AgentConfig {
                 "dwell_slices and reference_slices must be at least 2".into(),
             );
         }
+        if let Err(e) = self.verify.plan() {
+            return invalid("verify", e.to_string());
+        }
         if !(self.sim.scale.is_finite() && self.sim.scale > 0.0) {
             return invalid("sim.scale", format!("{} must be a positive number", self.sim.scale));
         }
@@ -374,6 +426,8 @@ mod tests {
             vm.web = { perf = 0.4, throughput = 0.9 }
             [learning]
             dwell_slices = 30
+            [verify]
+            every_slices = 300
             [linux]
             sys_root = "/tmp/fixture/sys"
             "#,
@@ -384,6 +438,9 @@ mod tests {
         assert_eq!(c.fallback(), GovernorKind::Schedutil);
         assert_eq!(c.objective, Objective::Edp);
         assert_eq!(c.learning.as_ref().unwrap().reference_slices, 20);
+        let plan = c.verify.plan().unwrap().unwrap();
+        assert_eq!((plan.every_slices, plan.measured_slices), (300, 20));
+        assert_eq!(parse("[verify]\nevery_slices = 0").unwrap().verify.plan().unwrap(), None);
         assert_eq!(c.linux.proc_root, PathBuf::from("/proc"));
         let t = LocalThresholds::from(&c.thresholds);
         assert!((t.vm["web"].perf() - 0.4).abs() < 1e-12);
@@ -403,5 +460,7 @@ mod tests {
         assert!(e.contains("fraction"), "{e}");
         let e = parse("arbiter = \"random\"").unwrap_err().to_string();
         assert!(e.contains("arbiter"), "{e}");
+        let e = parse("[verify]\nevery_slices = 20").unwrap_err().to_string();
+        assert!(e.contains("verify") && e.contains("do not fit"), "{e}");
     }
 }

@@ -54,6 +54,8 @@ pub struct VmChoice {
     pub feasible: bool,
     /// Why the fallback governor runs the VM, if it does.
     pub fallback: Option<Fallback>,
+    /// The thresholds the VM was decided under, if any applies.
+    pub thresholds: Option<Thresholds>,
 }
 
 /// Per-VM buffer for the predictions of one slice.
@@ -88,6 +90,7 @@ pub fn choose(counters: &RawCounters, policy: &VmPolicy<'_>, scratch: &mut Scrat
         predicted: None,
         feasible: true,
         fallback: Some(why),
+        thresholds: policy.thresholds,
     };
     let features = match features::derive(counters) {
         Ok(f) => f,
@@ -118,6 +121,7 @@ pub fn choose(counters: &RawCounters, policy: &VmPolicy<'_>, scratch: &mut Scrat
         predicted: scratch.predictions.get(index).copied(),
         feasible,
         fallback: None,
+        thresholds: policy.thresholds,
     }
 }
 

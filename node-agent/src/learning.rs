@@ -49,11 +49,38 @@ pub struct Labelled {
     pub labels: Ratios,
 }
 
+/// Mean rates over a window of slices.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Means {
+pub(crate) struct Means {
     ips: f64,
     watts: f64,
     net_bytes_per_s: f64,
+}
+
+impl Means {
+    /// The ratios of these rates to `reference`'s.
+    pub(crate) fn against(self, reference: Self) -> Ratios {
+        Ratios {
+            perf: ratio(self.ips, reference.ips),
+            power: ratio(self.watts, reference.watts),
+            throughput: ratio(self.net_bytes_per_s, reference.net_bytes_per_s),
+        }
+    }
+
+    /// True when two references taken around a window agree: the program kept its phase.
+    pub(crate) fn steady_with(self, other: Self) -> bool {
+        let close = |a: f64, b: f64| (a - b).abs() <= PHASE_CHANGE * a.max(b);
+        close(self.ips, other.ips) && close(self.net_bytes_per_s, other.net_bytes_per_s)
+    }
+
+    /// The mean of two references.
+    pub(crate) fn midpoint(self, other: Self) -> Self {
+        Self {
+            ips: 0.5 * (self.ips + other.ips),
+            watts: 0.5 * (self.watts + other.watts),
+            net_bytes_per_s: 0.5 * (self.net_bytes_per_s + other.net_bytes_per_s),
+        }
+    }
 }
 
 #[allow(clippy::cast_precision_loss, reason = "per-slice counts are far below 2^53")]
@@ -66,7 +93,8 @@ fn rates(o: &Observation) -> Means {
     }
 }
 
-fn mean(window: &[Observation]) -> Option<Means> {
+/// Mean rates over `window`; `None` when it is empty.
+pub(crate) fn mean(window: &[Observation]) -> Option<Means> {
     if window.is_empty() {
         return None;
     }
@@ -86,12 +114,7 @@ fn ratio(x: f64, reference: f64) -> f64 {
 }
 
 fn label(o: &Observation, reference: Means) -> Ratios {
-    let r = rates(o);
-    Ratios {
-        perf: ratio(r.ips, reference.ips),
-        power: ratio(r.watts, reference.watts),
-        throughput: ratio(r.net_bytes_per_s, reference.net_bytes_per_s),
-    }
+    rates(o).against(reference)
 }
 
 /// The sweep's state.
@@ -184,16 +207,8 @@ impl Sweep {
                     observation: o.clone(),
                 }));
                 let before = mean(&self.previous_reference);
-                let steady = before.is_none_or(|b| {
-                    (b.ips - now.ips).abs() <= PHASE_CHANGE * b.ips.max(now.ips)
-                        && (b.net_bytes_per_s - now.net_bytes_per_s).abs()
-                            <= PHASE_CHANGE * b.net_bytes_per_s.max(now.net_bytes_per_s)
-                });
-                let both = before.map_or(now, |b| Means {
-                    ips: 0.5 * (b.ips + now.ips),
-                    watts: 0.5 * (b.watts + now.watts),
-                    net_bytes_per_s: 0.5 * (b.net_bytes_per_s + now.net_bytes_per_s),
-                });
+                let steady = before.is_none_or(|b| b.steady_with(now));
+                let both = before.map_or(now, |b| b.midpoint(now));
                 let p = self.measured_pstate;
                 if steady {
                     out.extend(self.measured.drain(..).map(|o| Labelled {

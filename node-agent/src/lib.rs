@@ -1,15 +1,13 @@
 //! vmgov node agent (one per KVM host).
 //!
-//! Built so far: the [`platform`] layer's frequency interface and its simulated backend
-//! ([`platform::sim`]), the real Linux backend ([`platform::linux`]) and [`preflight`], which
-//! says what a host lets it do, the baseline [`governor`]s and the oracle, and
-//! [`simulate`], the engine behind `vmgov-agent simulate`, and the [`calibration`] tables behind
-//! `vmgov-agent calibrate` and `docs/calibration.md`.
-//!
-//! Not built yet (issue #4): the ractor actor tree (supervisor, one `VmActor` per VM, sampler,
-//! arbiter, coordinator link, model cache) and the fast path that runs
-//! [`vmgov_proto`]'s model core every timeslice. The binary says so plainly when asked to run
-//! as an agent.
+//! The [`agent`] actor tree (supervisor, host loop, one `VmActor` per VM) runs the pure
+//! [`fastpath`] every timeslice, turns per-VM choices into per-core frequencies through the
+//! [`arbiter`], checks its predictions with [`verify`] windows, sweeps the P-states in
+//! [`learning`] mode and talks to the coordinator through the [`link`]. The [`platform`] layer
+//! hides the host: the simulated backend ([`platform::sim`]) and the real Linux backend
+//! ([`platform::linux`]), whose abilities [`preflight`] reports. The baseline [`governor`]s and
+//! the oracle, [`simulate`] (`vmgov-agent simulate`) and the [`calibration`] tables behind
+//! `docs/calibration.md` complete it; [`config`] and [`run`] wire it all from the command line.
 
 pub mod agent;
 pub mod arbiter;
@@ -23,3 +21,4 @@ pub mod platform;
 pub mod preflight;
 pub mod run;
 pub mod simulate;
+pub mod verify;

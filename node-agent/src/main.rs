@@ -90,6 +90,10 @@ struct RunArgs {
     /// Start in learning mode (sweep the P-states, label the slices).
     #[arg(long)]
     learn: bool,
+    /// Measure what each VM's P-state really costs it once every this many slices (f_max, own
+    /// choice, f_max windows at the end of each cycle); 0 turns it off. Default 1000.
+    #[arg(long, value_name = "SLICES")]
+    verify_every: Option<u32>,
     /// Simulated host: hardware class (built-in name or file).
     #[arg(long)]
     class: Option<String>,
@@ -238,6 +242,9 @@ fn agent_config(args: &RunArgs) -> anyhow::Result<AgentConfig> {
     }
     if let Some((perf, thrp)) = args.thresholds {
         c.thresholds.default = Some(Thresholds::new(perf, thrp)?);
+    }
+    if let Some(n) = args.verify_every {
+        c.verify.every_slices = n;
     }
     if args.learn && c.learning.is_none() {
         c.learning = Some(LearningConfig::default());

@@ -191,6 +191,8 @@ pub fn settings(config: &AgentConfig, pstates: usize) -> AgentSettings {
         // coordinator may still start learning or push models).
         stop_when_idle: config.coordinator.is_none(),
         pace: config.sim.speed,
+        // `validate` refused a plan that cannot be laid out.
+        verify: config.verify.plan().ok().flatten(),
     }
 }
 

@@ -254,6 +254,17 @@ impl From<&Ratios> for pb::Ratios {
     }
 }
 
+impl pb::VmDecision {
+    /// True when the VM's last verification window fell short of its thresholds (false without
+    /// an observation, without thresholds, or with invalid ones).
+    pub fn below_thresholds(&self) -> bool {
+        self.observed
+            .as_ref()
+            .zip(self.thresholds.as_ref())
+            .is_some_and(|(o, t)| Thresholds::try_from(t).is_ok_and(|t| !t.admit(&Ratios::from(o))))
+    }
+}
+
 impl From<Target> for pb::Target {
     fn from(t: Target) -> Self {
         match t {

@@ -218,6 +218,15 @@ fn every_vmgov_command_against_a_live_coordinator() {
                 .all(|vm| vm["decision"]["energy_joules"].as_f64().is_some_and(|e| e > 0.0))
     });
     assert!(v.ok(&["status"]).contains("saved"), "the status table has a saved column");
+    // Verification windows measure what each choice really costs: observed ratios appear.
+    eventually("observed ratios in the status", Duration::from_secs(30), || {
+        v.json(&["status"])["hosts"].as_array().is_some_and(|hs| {
+            hs.iter().flat_map(|h| h["vms"].as_array().cloned().unwrap_or_default()).all(|vm| {
+                vm["decision"]["observed"]["perf"].as_f64().is_some_and(|p| p > 0.0 && p < 1.5)
+                    && vm["decision"]["observed_windows"].as_u64().is_some_and(|n| n > 0)
+            })
+        })
+    });
 
     // The event stream saw what happened.
     eventually("model and threshold events", Duration::from_secs(10), || {
@@ -269,6 +278,92 @@ fn every_vmgov_command_against_a_live_coordinator() {
     for a in &mut agents {
         a.terminate(Duration::from_secs(10));
     }
+    drop(coord);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A model that says no P-state costs any speed: the agent believes it and runs a CPU-bound VM at
+/// the lowest P-state. Only measuring shows what that really costs.
+fn lying_model(path: &std::path::Path) {
+    use vmgov_proto::{EnergyModel, Feature, LinearFit, PStateModel, model::TrainingInfo};
+    let table = vmgov_agent::platform::sim::HardwareClass::builtin("phenom-9500")
+        .and_then(|c| c.pstate_table())
+        .expect("the built-in class");
+    let fmax = table.max_frequency_hz();
+    let fit = |intercept: f64| LinearFit { intercept, coefficients: vec![0.0; 8] };
+    let model = EnergyModel {
+        hardware_class: "phenom-9500".into(),
+        version: 1,
+        pstates: table.clone(),
+        features: Feature::REPORT.to_vec(),
+        per_pstate: table
+            .as_slice()
+            .iter()
+            .map(|p| PStateModel {
+                frequency_hz: p.frequency_hz,
+                perf: fit(1.0),
+                power: fit((p.frequency_hz / fmax).powi(2)),
+                throughput: fit(1.0),
+            })
+            .collect(),
+        training: TrainingInfo::default(),
+    };
+    std::fs::write(path, serde_json::to_string(&model).expect("serialises")).expect("writes");
+}
+
+#[test]
+fn a_vm_below_its_thresholds_shows_in_status_and_events() {
+    let dir = std::env::temp_dir().join(format!("vmgov-sla-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let model = dir.join("lying-model.json");
+    lying_model(&model);
+    let (coord, addr) = coordinator();
+    let endpoint = format!("http://{addr}");
+    let v = Vmgov { address: endpoint.clone() };
+    let events = Daemon::spawn("events", {
+        let mut c = Command::new(binary("vmgov"));
+        c.env("VMGOV_COORDINATOR", &endpoint).args(["events", "--kind", "sla"]);
+        c
+    });
+    let mut agent = Daemon::spawn("sla-host", {
+        let mut c = Command::new(binary("vmgov-agent"));
+        c.args(["run", "--platform", "sim", "--class", "phenom-9500", "-w", "444.namd"])
+            .args(["--scale", "50", "--speed", "30", "--verify-every", "200"])
+            .args(["--coordinator", &endpoint, "--host-id", "sla-host"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .env("RUST_LOG", "warn");
+        c
+    });
+    eventually("the host to register", Duration::from_secs(30), || {
+        v.json(&["status"])["hosts"].as_array().is_some_and(|h| h.len() == 1)
+    });
+    v.ok(&["threshold", "set", "--fleet", "--perf", "0.9", "--thrp", "0.9"]);
+    // namd at 1.4 of 2.2 GHz runs at about 0.64 of its f_max speed, far below 0.9.
+    eventually("the miss in the status", Duration::from_secs(30), || {
+        let status = v.json(&["status"]);
+        let d = &status["hosts"][0]["vms"][0]["decision"];
+        d["observed"]["perf"].as_f64().is_some_and(|p| p < 0.75)
+            && d["pstate_index"] == 0
+            && v.ok(&["status"]).contains("BELOW THRESHOLDS")
+    });
+    let vm_id = v.json(&["status"])["hosts"][0]["vms"][0]["vm"]["vm_id"]
+        .as_str()
+        .map(str::to_owned)
+        .expect("the VM's id");
+    eventually("a ThresholdMissed event", Duration::from_secs(30), || {
+        events.log().lines().any(|l| l.contains("ThresholdMissed") && l.contains(&vm_id))
+    });
+    // Lowering the threshold below what the VM gets ends the misses.
+    v.ok(&["threshold", "set", "--fleet", "--perf", "0.5", "--thrp", "0.5"]);
+    eventually("the VM back above its thresholds", Duration::from_secs(30), || {
+        let out = v.ok(&["status"]);
+        out.contains("0.50/0.50") && !out.contains("BELOW THRESHOLDS")
+    });
+    drop(events);
+    agent.terminate(Duration::from_secs(10));
     drop(coord);
     let _ = std::fs::remove_dir_all(&dir);
 }

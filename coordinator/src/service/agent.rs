@@ -5,7 +5,8 @@
 //! model of its class, the effective thresholds of its VMs and any learning run it belongs to.
 //! Then: sample batches are stored once per (host, batch id) and acknowledged by id, VM
 //! lifecycle updates the registration (and the thresholds pushed), decision summaries are kept
-//! for status, and every change in the store (a model activated, a threshold set, through any
+//! for status (and every new verification window below a VM's thresholds becomes a
+//! `ThresholdMissed` event), and every change in the store (a model activated, a threshold set, through any
 //! coordinator) is pushed as it happens.
 
 use std::pin::Pin;
@@ -279,7 +280,16 @@ impl<S: Store> Coordinator<S> {
                 self.shared.store.put_host(host.clone()).await?;
             }
             Some(Msg::Decisions(summary)) => {
-                self.shared.decisions.lock().await.insert(host.host_id.clone(), summary);
+                let previous = self
+                    .shared
+                    .decisions
+                    .lock()
+                    .await
+                    .insert(host.host_id.clone(), summary.clone());
+                for missed in threshold_misses(previous.as_ref(), &summary) {
+                    tracing::warn!(host = %host.host_id, vm = %missed.vm_id, "VM below its thresholds");
+                    self.event(&host.host_id, pb::fleet_event::Event::ThresholdMissed(missed));
+                }
             }
             Some(Msg::LearningProgress(mut progress)) => {
                 progress.host_id = host.host_id.clone();
@@ -297,9 +307,71 @@ impl<S: Store> Coordinator<S> {
     }
 }
 
+/// The VMs of `now` with a verification window that `previous` did not have and whose observed
+/// ratios fall short of their thresholds: one miss per window, however often the agent repeats
+/// its summary. A count that went down is a restarted agent counting afresh: its window is new.
+fn threshold_misses(
+    previous: Option<&pb::DecisionSummary>,
+    now: &pb::DecisionSummary,
+) -> Vec<pb::ThresholdMissed> {
+    now.vms
+        .iter()
+        .filter(|d| {
+            let seen = previous
+                .and_then(|p| p.vms.iter().find(|x| x.vm_id == d.vm_id))
+                .map_or(0, |x| x.observed_windows);
+            d.observed_windows > 0 && d.observed_windows != seen
+        })
+        .filter(|d| d.below_thresholds())
+        .map(|d| pb::ThresholdMissed {
+            vm_id: d.vm_id.clone(),
+            thresholds: d.thresholds,
+            observed: d.observed,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn decision(vm: &str, windows: u64, perf: f64) -> pb::VmDecision {
+        pb::VmDecision {
+            vm_id: vm.into(),
+            observed: Some(pb::Ratios { perf, power: 0.5, throughput: 1.0 }),
+            thresholds: Some(pb::Thresholds { perf: 0.7, throughput: 0.7 }),
+            observed_windows: windows,
+            ..pb::VmDecision::default()
+        }
+    }
+
+    fn summary(vms: Vec<pb::VmDecision>) -> pb::DecisionSummary {
+        pb::DecisionSummary { vms, ..pb::DecisionSummary::default() }
+    }
+
+    #[test]
+    fn each_window_below_the_thresholds_is_one_miss() {
+        let first = summary(vec![decision("a", 1, 0.6), decision("b", 1, 0.9)]);
+        let misses = threshold_misses(None, &first);
+        assert_eq!(misses.iter().map(|m| m.vm_id.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert!((misses[0].observed.unwrap_or_default().perf - 0.6).abs() < 1e-12);
+        // The same window again: nothing new.
+        assert!(threshold_misses(Some(&first), &first).is_empty());
+        // A new window, still short; and b's new window falls short too.
+        let second = summary(vec![decision("a", 2, 0.65), decision("b", 2, 0.69)]);
+        assert_eq!(threshold_misses(Some(&first), &second).len(), 2);
+        // Met again: no miss. No thresholds, or no observation: nothing to miss.
+        let third = summary(vec![decision("a", 3, 0.8)]);
+        assert!(threshold_misses(Some(&second), &third).is_empty());
+        // The agent restarted and counts from 1 again: its first window is new.
+        let restarted = summary(vec![decision("a", 1, 0.5)]);
+        assert_eq!(threshold_misses(Some(&third), &restarted).len(), 1);
+        let mut free = decision("c", 1, 0.1);
+        free.thresholds = None;
+        let mut blind = decision("d", 1, 0.1);
+        blind.observed = None;
+        assert!(threshold_misses(None, &summary(vec![free, blind])).is_empty());
+    }
 
     fn hello() -> pb::Hello {
         pb::Hello {

@@ -2,10 +2,11 @@
 //!
 //! Every slice: measure (the platform's `sample`), notice VMs that appeared or went, ask every
 //! VM actor for its choice at once, run the fallback governor for VMs without one, arbitrate,
-//! and apply what changed (or, in dry-run, log what would have been set). In learning mode the
-//! sweep sets the P-state instead and the slices come out labelled. Nothing here waits on the
-//! network or the disk: samples leave through the emitter's queue, status through a watch
-//! channel.
+//! and apply what changed (or, in dry-run, log what would have been set). Once per verification
+//! cycle the deciding VMs run at f_max around a measured window, which gives their observed
+//! ratios. In learning mode the sweep sets the P-state instead and the slices come out labelled.
+//! Nothing here waits on the network or the disk: samples leave through the emitter's queue,
+//! status through a watch channel.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -24,6 +25,7 @@ use crate::{
     governor::Baseline,
     learning::{Observation, Sweep},
     platform::{HostPlatform, HostSample, PlatformError, VmIndex, VmInfo},
+    verify::Verifier,
 };
 
 /// Messages to the host loop.
@@ -91,11 +93,33 @@ struct Entry {
     /// Estimated energy since the agent started (J), and saved against f_max (J).
     energy_j: f64,
     saved_j: f64,
+    /// Energy charged to the VM for the last slice (J); NaN without a package meter.
+    slice_energy_j: f64,
+    /// Ratios of the last verification window, and how many windows completed.
+    observed: Option<vmgov_proto::Ratios>,
+    verified: u64,
+    /// The last window fell short of the thresholds.
+    missing: bool,
 }
 
 impl Entry {
     fn new(info: VmInfo, actor: ActorRef<VmMsg>) -> Self {
-        Self { info, actor, last: None, energy_j: 0.0, saved_j: 0.0 }
+        Self {
+            info,
+            actor,
+            last: None,
+            energy_j: 0.0,
+            saved_j: 0.0,
+            slice_energy_j: f64::NAN,
+            observed: None,
+            verified: 0,
+            missing: false,
+        }
+    }
+
+    /// The P-state the VM chose for itself (`None`: it runs on the fallback governor).
+    fn chosen(&self) -> Option<usize> {
+        self.last.as_ref().and_then(|c| c.pstate)
     }
 }
 
@@ -112,6 +136,7 @@ pub(super) struct LoopState {
     governor: Baseline,
     applied: Actuation,
     sweep: Option<Learning>,
+    verifier: Option<Verifier<VmIndex>>,
     labelled: u64,
     labelled_dropped: u64,
     slices: u64,
@@ -155,6 +180,7 @@ impl Actor for HostLoop {
             status: args.status,
             applied: Actuation::default(),
             sweep,
+            verifier: new_verifier(&args.shared),
             labelled: previous.labelled_samples,
             labelled_dropped: 0,
             slices: previous.slices,
@@ -198,6 +224,8 @@ impl Actor for HostLoop {
             LoopMsg::StopLearning => {
                 if let Some(l) = state.sweep.take() {
                     tracing::info!(learning = %l.id, samples = l.labelled, "learning stopped");
+                    // The sweep set the P-states: windows open before it compare nothing.
+                    state.verifier = new_verifier(&state.shared);
                 }
             }
             LoopMsg::InjectFault => return Err("fault injected into the host loop".into()),
@@ -270,6 +298,7 @@ impl LoopState {
             self.learn(&sample);
         } else {
             self.account(&sample);
+            self.verify(&sample);
             self.decide(&sample, platform.as_mut()).await?;
         }
         self.publish(&sample, false);
@@ -352,6 +381,9 @@ impl LoopState {
         }
         let table = platform.pstates().clone();
         let fallback = self.governor.plan(sample, &table);
+        // In a verification reference, every VM that decides for itself runs at f_max.
+        let reference = self.verifier.as_ref().is_some_and(|v| v.slot().is_reference());
+        let top = table.len() - 1;
         let vms: Vec<VmInput> = self
             .vms
             .iter()
@@ -359,7 +391,7 @@ impl LoopState {
                 vm: *id,
                 vcpus: e.info.vcpus as usize,
                 affinity: e.info.affinity,
-                choice: e.last.as_ref().and_then(|c| c.pstate),
+                choice: e.chosen().map(|p| if reference { top } else { p }),
             })
             .collect();
         let busy: Vec<f64> = sample.cores.iter().map(|c| c.busy).collect();
@@ -467,6 +499,7 @@ impl LoopState {
         if by_samples || by_time {
             tracing::info!(learning = %learning.id, samples = learning.labelled, "learning done");
             self.sweep = None;
+            self.verifier = new_verifier(&self.shared);
         }
     }
 
@@ -474,25 +507,75 @@ impl LoopState {
     /// own choice, the energy f_max would have taken for the same work. Package meters are not
     /// per VM: a VM is given the package's energy in proportion to its share of all core time,
     /// so the share matching idle core time is charged to no one. In dry-run nothing was set, so
-    /// nothing was saved. The sums restart with the loop (a restarted loop starts from zero).
+    /// nothing was saved, and a verification reference ran at f_max, so it saved nothing
+    /// either. The sums restart with the loop (a restarted loop starts from zero).
     fn account(&mut self, sample: &HostSample) {
-        let Some(package_j) = sample.package_energy_j else { return };
         #[allow(clippy::cast_precision_loss, reason = "core counts and nanoseconds fit f64")]
         let core_ns = sample.cores.len() as f64 * sample.timeslice_s * 1e9;
-        if core_ns <= 0.0 || !core_ns.is_finite() {
-            return;
-        }
+        let package_j = sample
+            .package_energy_j
+            .filter(|_| core_ns > 0.0 && core_ns.is_finite())
+            .unwrap_or(f64::NAN);
         let acting = !self.shared.settings.dry_run;
+        let reference = self.verifier.as_ref().is_some_and(|v| v.slot().is_reference());
         for s in &sample.vms {
             let Some(e) = self.vms.get_mut(&s.vm) else { continue };
             #[allow(clippy::cast_precision_loss, reason = "nanoseconds per slice fit f64")]
             let energy_j = package_j * (s.counters.cpu_time_ns as f64 / core_ns).min(1.0);
+            e.slice_energy_j = energy_j;
+            if energy_j.is_nan() {
+                continue;
+            }
             e.energy_j += energy_j;
-            let ran_its_choice = e.last.as_ref().filter(|c| acting && c.pstate.is_some());
+            let ran_its_choice =
+                e.last.as_ref().filter(|c| acting && !reference && c.pstate.is_some());
             if let Some(at_fmax) =
                 ran_its_choice.and_then(|c| c.predicted).and_then(|r| r.energy_at_fmax(energy_j))
             {
                 e.saved_j += at_fmax - energy_j;
+            }
+        }
+    }
+
+    /// Hands the slice just run to the verification windows: every VM that ran its own choice
+    /// (or f_max in its stead, in a reference) is observed; at the end of a cycle the VMs get
+    /// their observed ratios.
+    fn verify(&mut self, sample: &HostSample) {
+        let Some(verifier) = self.verifier.as_mut() else { return };
+        let vms = &self.vms;
+        let slice = sample.vms.iter().filter_map(|s| {
+            let e = vms.get(&s.vm).filter(|e| e.chosen().is_some())?;
+            Some((
+                s.vm,
+                Observation {
+                    counters: s.counters.clone(),
+                    package_energy_j: e.slice_energy_j,
+                    start_unix_ns: 0,
+                },
+            ))
+        });
+        for (vm, observed) in verifier.observe(slice) {
+            if let Some(e) = self.vms.get_mut(&vm) {
+                e.observed = Some(observed);
+                e.verified += 1;
+                // Logged when it changes, not every window: the coordinator reports each miss.
+                let thresholds = e.last.as_ref().and_then(|c| c.thresholds);
+                let missing = thresholds.is_some_and(|t| !t.admit(&observed));
+                if missing != e.missing {
+                    e.missing = missing;
+                    let (perf_threshold, throughput_threshold) =
+                        thresholds.map_or((0.0, 0.0), |t| (t.perf(), t.throughput()));
+                    if missing {
+                        tracing::warn!(
+                            vm = %e.info.name, perf = observed.perf, throughput = observed.throughput,
+                            perf_threshold, throughput_threshold,
+                            "observed ratios below the VM's thresholds"
+                        );
+                    } else {
+                        tracing::info!(vm = %e.info.name, perf = observed.perf, throughput = observed.throughput,
+                            "observed ratios back above the VM's thresholds");
+                    }
+                }
             }
         }
     }
@@ -543,12 +626,28 @@ impl LoopState {
                         .and_then(|c| c.fallback.as_ref().map(ToString::to_string)),
                     energy_j: e.energy_j,
                     energy_saved_j: e.saved_j,
+                    observed: e.observed,
+                    verified_windows: e.verified,
+                    thresholds: e.last.as_ref().and_then(|c| c.thresholds),
                 })
                 .collect(),
             finished,
             samples_dropped: self.shared.emitter.as_ref().map_or(0, |e| e.dropped()),
         };
         self.status.send_replace(status);
+    }
+}
+
+/// The verification windows the settings ask for: none in dry-run (nothing is set, so nothing
+/// can be measured) or when disabled.
+fn new_verifier(shared: &Shared) -> Option<Verifier<VmIndex>> {
+    let plan = shared.settings.verify.filter(|_| !shared.settings.dry_run)?;
+    match Verifier::new(plan) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "verification windows are off");
+            None
+        }
     }
 }
 

@@ -35,6 +35,7 @@ use crate::{
     governor::GovernorKind,
     learning::SweepPlan,
     platform::{HostPlatform, VmIndex, VmInfo},
+    verify::VerifyPlan,
 };
 
 /// Learning mode settings.
@@ -91,6 +92,9 @@ pub struct AgentSettings {
     pub stop_when_idle: bool,
     /// On a lockstep platform, run at this many times real time (none: flat out).
     pub pace: Option<f64>,
+    /// Verification windows that measure what each VM's choice really costs it (none: only
+    /// predictions are reported). Not run in dry-run, where nothing is set.
+    pub verify: Option<VerifyPlan>,
 }
 
 impl Default for AgentSettings {
@@ -104,6 +108,7 @@ impl Default for AgentSettings {
             max_slices: None,
             stop_when_idle: true,
             pace: None,
+            verify: Some(VerifyPlan::default()),
         }
     }
 }
@@ -157,6 +162,13 @@ pub struct VmStatus {
     /// joules (negative where a lower P-state cost more): from the predicted ratios of the
     /// P-states it ran at.
     pub energy_saved_j: f64,
+    /// Ratios measured in the last verification window (see [`crate::verify`]); power is NaN
+    /// where the host has no energy meter.
+    pub observed: Option<Ratios>,
+    /// Verification windows completed for this VM since the agent started.
+    pub verified_windows: u64,
+    /// The thresholds it is decided under.
+    pub thresholds: Option<Thresholds>,
 }
 
 /// What the agent is doing.

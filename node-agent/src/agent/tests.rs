@@ -14,6 +14,7 @@ use crate::{
         FrequencyControl,
         sim::{HardwareClass, SimConfig, SimHost, SimPlatform, VmSpec, Workload},
     },
+    verify::VerifyPlan,
 };
 
 fn spec(name: &str, workload: &str, scale: f64) -> VmSpec {
@@ -197,7 +198,8 @@ async fn failing_children_are_restarted_without_disturbing_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_decides_but_never_acts_and_shutdown_restores() {
     let host = sim(vec![spec("lbm", "470.lbm", 0.01)]);
-    let settings = AgentSettings { dry_run: true, ..AgentSettings::default() };
+    // Short verification cycles, which dry-run must not run: nothing is set, nothing measured.
+    let settings = AgentSettings { dry_run: true, verify: Some(SHORT), ..AgentSettings::default() };
     let mut agent =
         start(host, settings, Policy { thresholds: thresholds(0.5), ..Policy::default() }).await;
     agent.set_model(&model(&table(), 7)).unwrap();
@@ -210,6 +212,9 @@ async fn dry_run_decides_but_never_acts_and_shutdown_restores() {
     let s = wait_for(&mut agent, 1000, |s| s.vms[0].energy_j > 1.0).await;
     assert!(s.vms[0].energy_j > 1.0, "energy is attributed: {s:?}");
     assert!(s.vms[0].energy_saved_j.abs() < f64::EPSILON, "nothing saved in dry-run: {s:?}");
+    let s = wait_for(&mut agent, 1000, |s| s.slices > 2 * u64::from(SHORT.every_slices)).await;
+    assert!(s.slices > 2 * u64::from(SHORT.every_slices), "{s:?}");
+    assert_eq!((s.vms[0].observed, s.vms[0].verified_windows), (None, 0), "{s:?}");
     agent.shutdown().await;
 
     // Acting for real, then stopping: every setting goes back.
@@ -239,6 +244,31 @@ async fn dry_run_decides_but_never_acts_and_shutdown_restores() {
     let sim = sim_of(&mut done);
     assert!((0..4).all(|c| sim.core_pstate(c).unwrap() == 4));
     assert_eq!(sim.host().vm_pstate(0), None);
+}
+
+/// Verification cycles short enough for a test.
+const SHORT: VerifyPlan = VerifyPlan { every_slices: 60, measured_slices: 20, reference_slices: 5 };
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_measures_what_the_choice_really_costs() {
+    // namd is CPU-bound: at the lowest P-state (1.4 of 2.2 GHz) it runs at about 0.64 of its
+    // f_max speed, and the model says so. Observed ratios can only come out below 1 if the
+    // references really ran at f_max.
+    let host = sim(vec![spec("namd", "444.namd", 0.05)]);
+    let settings = AgentSettings { verify: Some(SHORT), ..AgentSettings::default() };
+    let mut agent =
+        start(host, settings, Policy { thresholds: thresholds(0.5), ..Policy::default() }).await;
+    agent.set_model(&model(&table(), 1)).unwrap();
+    let s = wait_for(&mut agent, 1000, |s| s.vms.iter().all(|v| v.verified_windows >= 3)).await;
+    let vm = &s.vms[0];
+    assert_eq!(vm.pstate, Some(0), "{s:?}");
+    let (observed, predicted) = (vm.observed.expect("observed"), vm.predicted.expect("predicted"));
+    assert!((0.6..0.75).contains(&observed.perf), "observed {observed:?}");
+    assert!((observed.perf - predicted.perf).abs() < 0.1, "{observed:?} vs {predicted:?}");
+    assert!(observed.power < 0.8, "a third less clock must cost less power: {observed:?}");
+    assert!((observed.throughput - 1.0).abs() < 1e-9, "no network, nothing lost: {observed:?}");
+    assert_eq!(vm.thresholds, Some(Thresholds::new(0.5, 0.5).unwrap()));
+    agent.shutdown().await;
 }
 
 #[derive(Clone, Default)]

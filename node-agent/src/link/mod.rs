@@ -387,13 +387,14 @@ impl Link {
                         .and_then(|p| self.info.pstates.frequency_hz(p))
                         .unwrap_or(0.0),
                     predicted: v.predicted.as_ref().map(Into::into),
-                    observed: None,
+                    observed: v.observed.as_ref().map(Into::into),
                     energy_joules: v.energy_j,
                     energy_saved_joules: v.energy_saved_j,
                     fallback: v.fallback.is_some(),
                     fallback_reason: v.fallback.clone().unwrap_or_default(),
                     model_version: version,
-                    thresholds: None,
+                    thresholds: v.thresholds.as_ref().map(Into::into),
+                    observed_windows: v.verified_windows,
                 })
                 .collect(),
             core_frequency_hz: s

@@ -5,7 +5,6 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use tonic::transport::server::TcpIncoming;
 use vmgov_coordinator::{
     service::Coordinator,
     store::{EtcdConfig, EtcdStore, MemoryStore},
@@ -56,9 +55,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let incoming = TcpIncoming::bind(args.listen)
-            .with_context(|| format!("binding {}", args.listen))?
-            .with_nodelay(Some(true));
+        let incoming = vmgov_coordinator::listen(args.listen)
+            .with_context(|| format!("binding {}", args.listen))?;
         let addr = incoming.local_addr().context("reading the bound address")?;
         let id = args.id.unwrap_or_else(|| format!("coordinator-{}", addr.port()));
         if args.etcd.is_empty() {

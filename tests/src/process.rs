@@ -1,13 +1,13 @@
 //! Our own binaries as separate processes, for tests where the point is real processes talking
-//! real gRPC: find the binary cargo built, start it, read what it prints (standard output and
+//! real gRPC: build the binary if need be, start it, read what it prints (standard output and
 //! error, interleaved by line), and stop it (SIGTERM first, so it can restore and flush; SIGKILL
 //! if it does not go) even when the test panics.
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     thread,
     time::{Duration, Instant},
 };
@@ -17,18 +17,45 @@ use nix::{
     unistd::Pid,
 };
 
-/// The path of a workspace binary in the target directory the tests run from.
+/// The path of a workspace binary in the target directory the tests run from, built first.
+///
+/// The daemons belong to other packages, so `cargo test -p vmgov-tests` alone would not rebuild
+/// them and a test could run a stale binary. So the first call in a test process runs
+/// `cargo build` for them (a freshness check when nothing changed; cargo does not hold its
+/// build lock while tests run).
 pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe.parent().and_then(|d| d.parent()).map(PathBuf::from).unwrap_or_default();
+    if let Err(e) = BUILT.get_or_init(|| build_daemons(&dir)) {
+        panic!("{e}");
+    }
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace` (tools/test does)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is not built; run `cargo build --workspace`", path.display());
     path
+}
+
+/// Builds the binaries the tests spawn, in the profile the tests were built in.
+fn build_daemons(profile_dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(crate::workspace_root()).args(["build", "--bins"]);
+    for package in ["vmgov-agent", "vmgov-coordinator", "vmgov-ctl"] {
+        cmd.args(["-p", package]);
+    }
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().map_err(|e| format!("running cargo to build the daemons: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "building the daemons the tests spawn failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// A running process of ours.

@@ -12,7 +12,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Streaming,
-    transport::{Channel, Endpoint, server::TcpIncoming},
+    transport::{Channel, Endpoint},
 };
 use vmgov_coordinator::{
     service::{Coordinator, now_unix_ms},
@@ -46,9 +46,8 @@ pub(crate) struct Running {
 /// Starts a leading coordinator keeping `sample_capacity` samples per class, with a fleet-wide
 /// threshold (perf 0.9, throughput 0.95) so that threshold pushes carry every VM.
 pub(crate) async fn start(sample_capacity: usize) -> Running {
-    let incoming = TcpIncoming::bind(([127, 0, 0, 1], 0).into())
-        .expect("binding a loopback port")
-        .with_nodelay(Some(true));
+    let incoming =
+        vmgov_coordinator::listen(([127, 0, 0, 1], 0).into()).expect("binding a loopback port");
     let addr = incoming.local_addr().expect("the bound address");
     let coordinator =
         Coordinator::new(MemoryStore::new(sample_capacity), "bench-coordinator", addr.to_string());

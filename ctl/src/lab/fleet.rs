@@ -19,7 +19,7 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
 };
-use tonic::transport::{Channel, server::TcpIncoming};
+use tonic::transport::Channel;
 use vmgov_agent::{
     agent::{Agent, AgentSettings, AgentStatus, LocalThresholds, Outputs, Policy},
     link::{self, LinkConfig, LinkError, buffer::BufferConfig},
@@ -97,9 +97,8 @@ impl<S: Store> Fleet<S> {
     /// Starts a coordinator over `store` on 127.0.0.1 (a free port), leading, and connects to it.
     pub(crate) async fn start(store: S, work_dir: &Path) -> Result<Self> {
         let listen: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
-        let incoming = TcpIncoming::bind(listen)
-            .context("binding a loopback port for the lab's coordinator")?
-            .with_nodelay(Some(true));
+        let incoming = vmgov_coordinator::listen(listen)
+            .context("binding a loopback port for the lab's coordinator")?;
         let addr = incoming.local_addr().context("reading the coordinator's port")?;
         let coordinator = Coordinator::new(store, "lab-coordinator", addr.to_string());
         tokio::time::timeout(Duration::from_secs(30), coordinator.lead())

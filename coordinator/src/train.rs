@@ -176,76 +176,92 @@ fn screen(x: &[f64], k: usize, rows: &[usize]) -> Screen {
     Screen { keep, mean, std }
 }
 
-/// Fits y on the screened, standardised columns of `rows`; returns the fit in raw units.
-fn fit(
-    data: &Rows,
-    target: usize,
-    rows: &[usize],
-    s: &Screen,
-    algorithm: Algorithm,
-    alpha: f64,
-) -> Result<LinearFit, String> {
-    let y: Vec<f64> = rows.iter().map(|&r| data.y[target][r]).collect();
-    #[allow(clippy::cast_precision_loss, reason = "row counts are far below 2^53")]
-    let y_mean = y.iter().sum::<f64>() / y.len().max(1) as f64;
-    let mut coefficients = vec![0.0; data.k];
-    if s.keep.is_empty() || y.iter().all(|v| (v - y_mean).abs() < 1e-15) {
-        // Nothing varies, or the target does not: the best fit is its mean.
-        return Ok(LinearFit { intercept: y_mean, coefficients });
+/// Some rows of one P-state, screened and standardised once for the three targets.
+struct Design<'a> {
+    data: &'a Rows,
+    rows: Vec<usize>,
+    screen: Screen,
+    /// The standardised kept columns; `None` when too few rows for them (an error only if a
+    /// target varies).
+    matrix: Option<DenseMatrix<f64>>,
+}
+
+impl<'a> Design<'a> {
+    fn new(data: &'a Rows, rows: Vec<usize>) -> Result<Self, String> {
+        let screen = screen(&data.x, data.k, &rows);
+        let p = screen.keep.len();
+        let matrix = if p > 0 && rows.len() > p + 1 {
+            let mut z = Vec::with_capacity(rows.len() * p);
+            for &r in &rows {
+                for &j in &screen.keep {
+                    z.push((data.x[r * data.k + j] - screen.mean[j]) / screen.std[j]);
+                }
+            }
+            Some(DenseMatrix::new(rows.len(), p, z, false).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        Ok(Self { data, rows, screen, matrix })
     }
-    let p = s.keep.len();
-    if rows.len() <= p + 1 {
-        return Err(format!("{} rows for {p} features", rows.len()));
-    }
-    let mut z = Vec::with_capacity(rows.len() * p);
-    for &r in rows {
-        for &j in &s.keep {
-            z.push((data.x[r * data.k + j] - s.mean[j]) / s.std[j]);
+
+    /// Fits `target` on the design; returns the fit in raw units.
+    fn fit(&self, target: usize, algorithm: Algorithm, alpha: f64) -> Result<LinearFit, String> {
+        let (data, s) = (self.data, &self.screen);
+        let y: Vec<f64> = self.rows.iter().map(|&r| data.y[target][r]).collect();
+        #[allow(clippy::cast_precision_loss, reason = "row counts are far below 2^53")]
+        let y_mean = y.iter().sum::<f64>() / y.len().max(1) as f64;
+        let mut coefficients = vec![0.0; data.k];
+        if s.keep.is_empty() || y.iter().all(|v| (v - y_mean).abs() < 1e-15) {
+            // Nothing varies, or the target does not: the best fit is its mean.
+            return Ok(LinearFit { intercept: y_mean, coefficients });
         }
-    }
-    let m = DenseMatrix::new(rows.len(), p, z, false).map_err(|e| e.to_string())?;
-    // Centre y for the solvers that fit no intercept; add the mean back below.
-    let yc: Vec<f64> = y.iter().map(|v| v - y_mean).collect();
-    let solved = catch_unwind(AssertUnwindSafe(|| -> Result<(Vec<f64>, f64), String> {
-        match algorithm {
-            Algorithm::Ols => {
-                let params = LinearRegressionParameters::default()
-                    .with_solver(LinearRegressionSolverName::QR);
-                let f = LinearRegression::fit(&m, &yc, params).map_err(|e| e.to_string())?;
-                Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
+        let p = s.keep.len();
+        let Some(m) = &self.matrix else {
+            return Err(format!("{} rows for {p} features", self.rows.len()));
+        };
+        // Centre y for the solvers that fit no intercept; add the mean back below.
+        let yc: Vec<f64> = y.iter().map(|v| v - y_mean).collect();
+        let solved = catch_unwind(AssertUnwindSafe(|| -> Result<(Vec<f64>, f64), String> {
+            match algorithm {
+                Algorithm::Ols => {
+                    let params = LinearRegressionParameters::default()
+                        .with_solver(LinearRegressionSolverName::QR);
+                    let f = LinearRegression::fit(m, &yc, params).map_err(|e| e.to_string())?;
+                    Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
+                }
+                Algorithm::Ridge => {
+                    let params = RidgeRegressionParameters::default()
+                        .with_alpha(alpha)
+                        .with_normalize(false)
+                        .with_solver(RidgeRegressionSolverName::Cholesky);
+                    let f = RidgeRegression::fit(m, &yc, params).map_err(|e| e.to_string())?;
+                    Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
+                }
+                Algorithm::Lasso => {
+                    let params = LassoParameters::default()
+                        .with_alpha(alpha)
+                        .with_normalize(false)
+                        .with_fit_intercept(true)
+                        .with_tol(1e-6)
+                        .with_max_iter(10_000);
+                    let f = Lasso::fit(m, &yc, params).map_err(|e| e.to_string())?;
+                    Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
+                }
             }
-            Algorithm::Ridge => {
-                let params = RidgeRegressionParameters::default()
-                    .with_alpha(alpha)
-                    .with_normalize(false)
-                    .with_solver(RidgeRegressionSolverName::Cholesky);
-                let f = RidgeRegression::fit(&m, &yc, params).map_err(|e| e.to_string())?;
-                Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
-            }
-            Algorithm::Lasso => {
-                let params = LassoParameters::default()
-                    .with_alpha(alpha)
-                    .with_normalize(false)
-                    .with_fit_intercept(true)
-                    .with_tol(1e-6)
-                    .with_max_iter(10_000);
-                let f = Lasso::fit(&m, &yc, params).map_err(|e| e.to_string())?;
-                Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
-            }
+        }))
+        .map_err(|_| "the solver panicked".to_owned())??;
+        let (beta, b0) = solved;
+        if beta.iter().chain(std::iter::once(&b0)).any(|v| !v.is_finite()) {
+            return Err("the solver returned a non-finite coefficient".into());
         }
-    }))
-    .map_err(|_| "the solver panicked".to_owned())??;
-    let (beta, b0) = solved;
-    if beta.iter().chain(std::iter::once(&b0)).any(|v| !v.is_finite()) {
-        return Err("the solver returned a non-finite coefficient".into());
+        // Back to raw units: y = y_mean + b0 + Σ β_j (x_j − μ_j)/σ_j.
+        let mut intercept = y_mean + b0;
+        for (&j, b) in s.keep.iter().zip(&beta) {
+            coefficients[j] = b / s.std[j];
+            intercept -= b * s.mean[j] / s.std[j];
+        }
+        Ok(LinearFit { intercept, coefficients })
     }
-    // Back to raw units: y = y_mean + b0 + Σ β_j (x_j − μ_j)/σ_j.
-    let mut intercept = y_mean + b0;
-    for (&j, b) in s.keep.iter().zip(&beta) {
-        coefficients[j] = b / s.std[j];
-        intercept -= b * s.mean[j] / s.std[j];
-    }
-    Ok(LinearFit { intercept, coefficients })
 }
 
 fn predict(f: &LinearFit, x: &[f64]) -> f64 {
@@ -338,34 +354,39 @@ pub fn train(req: &TrainRequest, samples: &[LabelledSample]) -> Result<EnergyMod
     // A fixed seed: the same data always gives the same folds, hence the same figures.
     let mut rng = ChaCha8Rng::seed_from_u64(0x0076_6d67_6f76);
     for (pstate, data) in per_pstate.iter().enumerate() {
+        let err = |target: usize| {
+            move |reason| TrainError::Fit { pstate, target: Target::ALL[target], reason }
+        };
         let all: Vec<usize> = (0..data.len()).collect();
-        let s = screen(&data.x, k, &all);
-        for &j in &s.keep {
-            ever_kept[j] = true;
-        }
         let mut order = all.clone();
         order.shuffle(&mut rng);
+        // Cross-validation: each fold is screened and standardised on its training rows only,
+        // once for the three targets.
         let folds = req.folds as usize;
-        let mut fits = Vec::with_capacity(3);
-        for (t, target) in Target::ALL.into_iter().enumerate() {
-            let err = |reason| TrainError::Fit { pstate, target, reason };
-            let full = fit(data, t, &all, &s, req.algorithm, req.alpha).map_err(err)?;
-            let mut truth = Vec::with_capacity(data.len());
-            let mut predicted = Vec::with_capacity(data.len());
-            for f in 0..folds {
-                let in_fold = |(i, _): &(usize, &usize)| i % folds == f;
-                let test: Vec<usize> =
-                    order.iter().enumerate().filter(in_fold).map(|(_, r)| *r).collect();
-                let train: Vec<usize> =
-                    order.iter().enumerate().filter(|x| !in_fold(x)).map(|(_, r)| *r).collect();
-                let fs = screen(&data.x, k, &train);
-                let model = fit(data, t, &train, &fs, req.algorithm, req.alpha).map_err(err)?;
-                for r in test {
-                    truth.push(data.y[t][r]);
-                    predicted.push(predict(&model, &data.x[r * k..(r + 1) * k]));
+        let mut truth: [Vec<f64>; 3] = Default::default();
+        let mut predicted: [Vec<f64>; 3] = Default::default();
+        for f in 0..folds {
+            let in_fold = |(i, _): &(usize, &usize)| i % folds == f;
+            let test: Vec<usize> =
+                order.iter().enumerate().filter(in_fold).map(|(_, r)| *r).collect();
+            let train: Vec<usize> =
+                order.iter().enumerate().filter(|x| !in_fold(x)).map(|(_, r)| *r).collect();
+            let design = Design::new(data, train).map_err(err(0))?;
+            for t in 0..3 {
+                let model = design.fit(t, req.algorithm, req.alpha).map_err(err(t))?;
+                for &r in &test {
+                    truth[t].push(data.y[t][r]);
+                    predicted[t].push(predict(&model, &data.x[r * k..(r + 1) * k]));
                 }
             }
-            let (r2, mae, mape) = quality(&truth, &predicted);
+        }
+        let design = Design::new(data, all).map_err(err(0))?;
+        for &j in &design.screen.keep {
+            ever_kept[j] = true;
+        }
+        let mut fits = Vec::with_capacity(3);
+        for (t, target) in Target::ALL.into_iter().enumerate() {
+            let (r2, mae, mape) = quality(&truth[t], &predicted[t]);
             quality_figures.push(FitQuality {
                 pstate_index: u32::try_from(pstate).unwrap_or(u32::MAX),
                 target,
@@ -373,7 +394,7 @@ pub fn train(req: &TrainRequest, samples: &[LabelledSample]) -> Result<EnergyMod
                 mae,
                 mape,
             });
-            fits.push(full);
+            fits.push(design.fit(t, req.algorithm, req.alpha).map_err(err(t))?);
         }
         let mut fits = fits.into_iter();
         let (Some(perf), Some(power), Some(throughput)) = (fits.next(), fits.next(), fits.next())

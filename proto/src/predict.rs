@@ -3,6 +3,13 @@
 //! [`Predictor`] is the fast-path form of a validated [`EnergyModel`]: coefficients laid out
 //! flat in one allocation, features resolved to positions once, so a prediction is a gather and
 //! `3 × P-states` dot products with no allocation.
+//!
+//! Predictions are held to physics: a VM cannot do more work per second at a lower clock than at
+//! f_max, nor less than the clock ratio f / f_max allows (the part of its time spent computing
+//! stretches by f_max / f at most; the part waiting on memory, disk or clients does not
+//! stretch). So predicted performance and throughput ratios are clamped to [f / f_max, 1]. A
+//! linear model extrapolates: fitted on one mix of memory behaviour, it predicted 0.23 for
+//! soplex at 1.4 of 2.2 GHz, where nothing can run below 0.64 (the lab's model table shows it).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -75,6 +82,8 @@ pub struct Predictor {
     features: Vec<Feature>,
     /// Per P-state, per target (perf, power, throughput): intercept then coefficients.
     weights: Vec<f64>,
+    /// Per P-state, f / f_max: the least performance or throughput ratio physics allows.
+    floors: Vec<f64>,
 }
 
 impl Predictor {
@@ -91,12 +100,15 @@ impl Predictor {
                 weights.extend_from_slice(&fit.coefficients);
             }
         }
+        let fmax = model.pstates.max_frequency_hz();
+        let floors = model.pstates.as_slice().iter().map(|p| p.frequency_hz / fmax).collect();
         Ok(Self {
             hardware_class: model.hardware_class.clone(),
             version: model.version,
             pstates: model.pstates.clone(),
             features: model.features.clone(),
             weights,
+            floors,
         })
     }
 
@@ -120,7 +132,8 @@ impl Predictor {
         &self.features
     }
 
-    /// Predicts the ratios at every P-state into `out` (one slot per P-state, table order).
+    /// Predicts the ratios at every P-state into `out` (one slot per P-state, table order), with
+    /// performance and throughput clamped to what physics allows (see the module doc).
     pub fn predict_into(&self, fv: &FeatureVector, out: &mut [Ratios]) -> Result<(), PredictError> {
         if out.len() != self.pstates.len() {
             return Err(PredictError::OutputLength {
@@ -139,10 +152,16 @@ impl Predictor {
         }
         let x = &x[..n];
         let dot = |w: &[f64]| w[0] + w[1..].iter().zip(x).map(|(a, b)| a * b).sum::<f64>();
-        for (ratios, w) in out.iter_mut().zip(self.weights.chunks_exact(3 * (n + 1))) {
+        for ((ratios, w), &floor) in
+            out.iter_mut().zip(self.weights.chunks_exact(3 * (n + 1))).zip(&self.floors)
+        {
             let (perf, rest) = w.split_at(n + 1);
             let (power, throughput) = rest.split_at(n + 1);
-            *ratios = Ratios { perf: dot(perf), power: dot(power), throughput: dot(throughput) };
+            *ratios = Ratios {
+                perf: dot(perf).clamp(floor, 1.0),
+                power: dot(power),
+                throughput: dot(throughput).clamp(floor, 1.0),
+            };
         }
         Ok(())
     }
@@ -227,20 +246,41 @@ mod tests {
         assert_eq!(Ratios { perf: f64::NAN, ..r }.energy_at_fmax(1.0), None);
     }
 
+    #[test]
+    fn predictions_stay_within_what_the_clock_allows() {
+        // A model that extrapolates wildly both ways: -5 at every P-state, then +5.
+        let mut m = sample_model(5);
+        for p in &mut m.per_pstate {
+            p.perf.intercept = -5.0;
+            p.throughput.intercept = 5.0;
+            p.perf.coefficients.iter_mut().for_each(|c| *c = 0.0);
+            p.throughput.coefficients.iter_mut().for_each(|c| *c = 0.0);
+        }
+        let fv = Feature::REPORT.into_iter().fold(FeatureVector::new(), |fv, f| fv.with(f, 0.0));
+        let fmax = m.pstates.max_frequency_hz();
+        for (p, r) in m.pstates.as_slice().iter().zip(m.predict(&fv).unwrap()) {
+            assert!((r.perf - p.frequency_hz / fmax).abs() < 1e-12, "perf floor at {p:?}: {r:?}");
+            assert!((r.throughput - 1.0).abs() < 1e-12, "throughput ceiling: {r:?}");
+        }
+    }
+
     proptest! {
         #[test]
-        fn compiled_prediction_equals_the_linear_formula(
+        fn compiled_prediction_equals_the_linear_formula_within_the_physical_bounds(
             m in arb_model(),
             values in proptest::collection::vec(0.0f64..1e3, FEATURE_COUNT),
         ) {
             let fv = Feature::ALL.into_iter().zip(&values).fold(FeatureVector::new(), |fv, (f, v)| fv.with(f, *v));
             let got = m.predict(&fv).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let fmax = m.pstates.max_frequency_hz();
             for (p, r) in m.per_pstate.iter().zip(&got) {
+                let floor = p.frequency_hz / fmax;
                 for (target, value) in [(Target::Perf, r.perf), (Target::Power, r.power), (Target::Throughput, r.throughput)] {
                     let fit = p.fit(target);
-                    let want = fit.intercept + fit.coefficients.iter().zip(&m.features)
+                    let linear = fit.intercept + fit.coefficients.iter().zip(&m.features)
                         .map(|(c, f)| c * values[Feature::ALL.iter().position(|g| g == f).unwrap_or(0)])
                         .sum::<f64>();
+                    let want = if target == Target::Power { linear } else { linear.clamp(floor, 1.0) };
                     prop_assert!((value - want).abs() <= 1e-9 * want.abs().max(1.0), "{value} vs {want}");
                 }
             }

@@ -458,7 +458,8 @@ pub(crate) fn markdown(report: &Report) -> String {
          f_max, noise-free), against the workload run whole with its VM held at each P-state. \
          vmgov can only be as good as these predictions: a P-state whose predicted performance \
          is below the threshold is never chosen, and the `energy` objective compares predicted \
-         power / performance.\n",
+         power / performance. Predicted performance and throughput are held to [f / f_max, 1], \
+         the most and the least a clock change can do.\n",
         m.version
     );
     let mut header = vec!["workload".to_owned()];

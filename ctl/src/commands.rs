@@ -254,6 +254,8 @@ pub(crate) async fn status(
                     "dry-run".into()
                 } else if d.below_thresholds() {
                     "deciding, BELOW THRESHOLDS".into()
+                } else if d.pstate_floor > 0 {
+                    format!("deciding, guarded at P-state {} or above", d.pstate_floor)
                 } else {
                     "deciding".into()
                 };

@@ -95,8 +95,12 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("agent-tick");
     group.bench_function("pure/64-vms-16-cores", |b| {
         b.iter(|| {
-            let policy =
-                VmPolicy { predictor: Some(&predictor), thresholds, objective: Objective::Energy };
+            let policy = VmPolicy {
+                predictor: Some(&predictor),
+                thresholds,
+                objective: Objective::Energy,
+                floor: 0,
+            };
             let vms: Vec<VmInput> = sample
                 .vms
                 .iter()

@@ -73,6 +73,9 @@ pub struct VerifyConfig {
     pub measured_slices: u32,
     /// Slices of each f_max reference.
     pub reference_slices: u32,
+    /// Keep a VM that fell short of its thresholds at P-states that could meet them, whatever
+    /// the model predicts; false only reports the misses.
+    pub guard: bool,
 }
 
 impl Default for VerifyConfig {
@@ -82,6 +85,7 @@ impl Default for VerifyConfig {
             every_slices: p.every_slices,
             measured_slices: p.measured_slices,
             reference_slices: p.reference_slices,
+            guard: true,
         }
     }
 }
@@ -428,6 +432,7 @@ mod tests {
             dwell_slices = 30
             [verify]
             every_slices = 300
+            guard = false
             [linux]
             sys_root = "/tmp/fixture/sys"
             "#,
@@ -440,6 +445,7 @@ mod tests {
         assert_eq!(c.learning.as_ref().unwrap().reference_slices, 20);
         let plan = c.verify.plan().unwrap().unwrap();
         assert_eq!((plan.every_slices, plan.measured_slices), (300, 20));
+        assert!(!c.verify.guard && AgentConfig::default().verify.guard);
         assert_eq!(parse("[verify]\nevery_slices = 0").unwrap().verify.plan().unwrap(), None);
         assert_eq!(c.linux.proc_root, PathBuf::from("/proc"));
         let t = LocalThresholds::from(&c.thresholds);

@@ -80,6 +80,8 @@ pub struct VmPolicy<'a> {
     pub thresholds: Option<Thresholds>,
     /// What the decision minimises.
     pub objective: Objective,
+    /// The lowest P-state the VM may use: its [`crate::verify::Guard`] after observed misses.
+    pub floor: usize,
 }
 
 /// Runs the fast path for one VM and one slice.
@@ -114,7 +116,11 @@ pub fn choose(counters: &RawCounters, policy: &VmPolicy<'_>, scratch: &mut Scrat
         };
         return fallback(features, why);
     }
-    let Decision { index, feasible } = decide(&scratch.predictions, &thresholds, policy.objective);
+    // The guard overrules the model: the choice is made among the P-states it allows.
+    let floor = policy.floor.min(scratch.predictions.len().saturating_sub(1));
+    let Decision { index, feasible } =
+        decide(&scratch.predictions[floor..], &thresholds, policy.objective);
+    let index = index + floor;
     VmChoice {
         features,
         pstate: Some(index),
@@ -188,6 +194,7 @@ mod tests {
             predictor: Some(&p),
             thresholds: Some(Thresholds::new(0.85, 0.85).unwrap()),
             objective: Objective::Energy,
+            floor: 0,
         };
         let mut s = Scratch::default();
         let mem = choose(&counters(0.01), &policy, &mut s);
@@ -197,6 +204,13 @@ mod tests {
         let cpu = choose(&counters(0.0), &policy, &mut s);
         // perf 0.6 + 0.1 i >= 0.85 first at i = 3.
         assert_eq!(cpu.pstate, Some(3), "{cpu:?}");
+        // A guard raised by observed misses overrules the model's choice, never lowers it.
+        let guarded = VmPolicy { floor: 2, ..policy };
+        let mem = choose(&counters(0.01), &guarded, &mut s);
+        assert_eq!((mem.pstate, mem.feasible), (Some(2), true), "{mem:?}");
+        assert_eq!(choose(&counters(0.0), &guarded, &mut s).pstate, Some(3));
+        let beyond = VmPolicy { floor: 99, ..policy };
+        assert_eq!(choose(&counters(0.01), &beyond, &mut s).pstate, Some(4));
     }
 
     #[test]
@@ -204,12 +218,18 @@ mod tests {
         let p = predictor();
         let mut s = Scratch::default();
         let t = Some(Thresholds::new(0.7, 0.7).unwrap());
-        let no_model = VmPolicy { predictor: None, thresholds: t, objective: Objective::Energy };
+        let no_model =
+            VmPolicy { predictor: None, thresholds: t, objective: Objective::Energy, floor: 0 };
         assert_eq!(choose(&counters(0.0), &no_model, &mut s).fallback, Some(Fallback::NoModel));
-        let no_thr =
-            VmPolicy { predictor: Some(&p), thresholds: None, objective: Objective::Energy };
+        let no_thr = VmPolicy {
+            predictor: Some(&p),
+            thresholds: None,
+            objective: Objective::Energy,
+            floor: 0,
+        };
         assert_eq!(choose(&counters(0.0), &no_thr, &mut s).fallback, Some(Fallback::NoThresholds));
-        let ok = VmPolicy { predictor: Some(&p), thresholds: t, objective: Objective::Energy };
+        let ok =
+            VmPolicy { predictor: Some(&p), thresholds: t, objective: Objective::Energy, floor: 0 };
         let mut blind = counters(0.0);
         blind.unavailable = [vmgov_proto::Counter::L2Misses].into_iter().collect::<CounterSet>();
         let c = choose(&blind, &ok, &mut s);
@@ -227,6 +247,7 @@ mod tests {
             predictor: Some(&p),
             thresholds: Some(Thresholds::new(1.0, 1.0).unwrap()),
             objective: Objective::Power,
+            floor: 0,
         };
         let c = choose(&counters(0.0), &policy, &mut Scratch::default());
         assert_eq!(c.pstate, Some(4));

@@ -94,6 +94,10 @@ struct RunArgs {
     /// choice, f_max windows at the end of each cycle); 0 turns it off. Default 1000.
     #[arg(long, value_name = "SLICES")]
     verify_every: Option<u32>,
+    /// Only report VMs whose observed ratios fall short of their thresholds; by default the
+    /// agent also keeps them at P-states that could meet the thresholds, whatever the model says.
+    #[arg(long)]
+    no_guard: bool,
     /// Simulated host: hardware class (built-in name or file).
     #[arg(long)]
     class: Option<String>,
@@ -245,6 +249,9 @@ fn agent_config(args: &RunArgs) -> anyhow::Result<AgentConfig> {
     }
     if let Some(n) = args.verify_every {
         c.verify.every_slices = n;
+    }
+    if args.no_guard {
+        c.verify.guard = false;
     }
     if args.learn && c.learning.is_none() {
         c.learning = Some(LearningConfig::default());

@@ -193,6 +193,7 @@ pub fn settings(config: &AgentConfig, pstates: usize) -> AgentSettings {
         pace: config.sim.speed,
         // `validate` refused a plan that cannot be laid out.
         verify: config.verify.plan().ok().flatten(),
+        guard: config.verify.guard,
     }
 }
 

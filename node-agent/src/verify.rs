@@ -19,11 +19,19 @@
 //!
 //! What it costs: `2 × reference_slices` slices at f_max per `every_slices`, by default 8 in 1000
 //! (0.8% of the time at f_max; a window every 10 s at the default 10 ms timeslice).
+//!
+//! What comes of it: a window whose observed ratios fall short of the VM's thresholds raises a
+//! per-VM [`Guard`], the lowest P-state the VM may use, to the lowest one that could meet the
+//! thresholds at all (a clock change scales a ratio by the clock ratio at most), whatever the
+//! model predicts. The guard comes down one P-state at a time after windows that meet the
+//! thresholds, waiting twice as long after every further miss, so a model that keeps mispredicting
+//! the same workload is overruled for longer each time and a workload that changed phase gets
+//! its savings back.
 
 use std::collections::BTreeMap;
 
 use thiserror::Error;
-use vmgov_proto::Ratios;
+use vmgov_proto::{Ratios, Thresholds};
 
 use crate::learning::{Observation, mean};
 
@@ -147,6 +155,11 @@ impl<K: Ord + Copy> Verifier<K> {
         }
     }
 
+    /// True when the next slice starts a cycle (the last [`Self::observe`] ended one).
+    pub fn at_cycle_start(&self) -> bool {
+        self.slice == 0
+    }
+
     /// Measured windows discarded because the program changed phase.
     pub fn discarded(&self) -> u64 {
         self.discarded
@@ -201,10 +214,87 @@ impl<K: Ord + Copy> Verifier<K> {
     }
 }
 
+/// Windows that must meet the thresholds before the guard comes down one P-state, at first.
+pub const PATIENCE: u32 = 3;
+
+/// The most windows the guard waits before coming down, however often the VM missed.
+pub const MAX_PATIENCE: u32 = 96;
+
+/// The lowest P-state a VM may use after what its verification windows showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guard {
+    floor: usize,
+    /// Windows met since the last change.
+    calm: u32,
+    /// Windows to meet before coming down one P-state.
+    patience: u32,
+    missed: bool,
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Self { floor: 0, calm: 0, patience: PATIENCE, missed: false }
+    }
+}
+
+impl Guard {
+    /// The lowest P-state index the VM may use (0: no restriction).
+    pub const fn floor(&self) -> usize {
+        self.floor
+    }
+
+    /// Takes a window's verdict: `observed` at P-state `ran_at` against `thresholds`, where
+    /// `clock[i]` is f_i / f_max. Returns true when the floor changed.
+    pub fn record(
+        &mut self,
+        observed: &Ratios,
+        thresholds: &Thresholds,
+        ran_at: usize,
+        clock: &[f64],
+    ) -> bool {
+        let Some(top) = clock.len().checked_sub(1) else { return false };
+        let before = self.floor;
+        if thresholds.admit(observed) {
+            if self.floor > 0 {
+                self.calm += 1;
+                if self.calm >= self.patience {
+                    self.floor -= 1;
+                    self.calm = 0;
+                }
+            }
+            return self.floor != before;
+        }
+        // A ratio can grow at most as the clock: the P-state must reach at least
+        // threshold / observed × its clock ratio before it could meet the threshold.
+        let at = clock.get(ran_at).copied().unwrap_or(1.0);
+        let need = |threshold: f64, got: f64| {
+            if threshold <= 0.0 || got >= threshold {
+                0.0
+            } else if got > 0.0 {
+                threshold / got * at
+            } else {
+                f64::INFINITY
+            }
+        };
+        let needed = need(thresholds.perf(), observed.perf)
+            .max(need(thresholds.throughput(), observed.throughput));
+        let reach = clock.iter().position(|&c| c >= needed - 1e-12).unwrap_or(top);
+        // At least one P-state above the one that fell short.
+        self.floor = self.floor.max(reach).max((ran_at + 1).min(top));
+        if self.missed {
+            // Missed before: the model keeps mispredicting this VM, so trust it less long.
+            self.patience = (self.patience * 2).min(MAX_PATIENCE);
+        }
+        self.missed = true;
+        self.calm = 0;
+        self.floor != before
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use vmgov_proto::RawCounters;
+    use vmgov_proto::{RawCounters, Thresholds};
 
     use super::*;
 
@@ -302,7 +392,86 @@ mod tests {
         assert_eq!(got.iter().map(|(vm, _)| *vm).collect::<Vec<_>>(), [0]);
     }
 
+    /// The Phenom's clock ratios: 1.4, 1.6, 1.8, 2.0, 2.2 GHz.
+    const PHENOM: [f64; 5] = [1.4 / 2.2, 1.6 / 2.2, 1.8 / 2.2, 2.0 / 2.2, 1.0];
+
+    fn perf(p: f64) -> Ratios {
+        Ratios { perf: p, power: 0.5, throughput: 1.0 }
+    }
+
+    #[test]
+    fn a_miss_raises_the_floor_to_the_first_pstate_that_could_meet_the_threshold() {
+        let t = Thresholds::new(0.9, 0.0).unwrap();
+        // CPU-bound work at 1.4 GHz runs at 0.64: only 2.0 GHz (0.91) can reach 0.9.
+        let mut g = Guard::default();
+        assert!(g.record(&perf(0.64), &t, 0, &PHENOM));
+        assert_eq!(g.floor(), 3);
+        // Nearly there at 1.8 GHz: one P-state up suffices by the clock bound.
+        let mut g = Guard::default();
+        assert!(g.record(&perf(0.89), &t, 2, &PHENOM));
+        assert_eq!(g.floor(), 3);
+        // Nothing at all: f_max.
+        let mut g = Guard::default();
+        g.record(&perf(0.0), &t, 1, &PHENOM);
+        assert_eq!(g.floor(), 4);
+        // A throughput miss counts the same way.
+        let t = Thresholds::new(0.0, 0.8).unwrap();
+        let mut g = Guard::default();
+        g.record(&Ratios { perf: 1.0, power: 0.5, throughput: 0.7 }, &t, 0, &PHENOM);
+        assert_eq!(g.floor(), 1, "0.7 × 1.6/1.4 = 0.8");
+    }
+
+    #[test]
+    fn the_floor_comes_down_after_calm_windows_and_more_slowly_after_each_miss() {
+        let t = Thresholds::new(0.7, 0.7).unwrap();
+        let mut g = Guard::default();
+        g.record(&perf(0.65), &t, 0, &PHENOM);
+        assert_eq!(g.floor(), 1);
+        for _ in 1..PATIENCE {
+            assert!(!g.record(&perf(0.8), &t, 1, &PHENOM));
+        }
+        assert!(g.record(&perf(0.8), &t, 1, &PHENOM), "down after {PATIENCE} calm windows");
+        assert_eq!(g.floor(), 0);
+        // Missing again right after coming down: twice the patience before the next try.
+        g.record(&perf(0.65), &t, 0, &PHENOM);
+        assert_eq!(g.floor(), 1);
+        let mut windows = 0;
+        while g.floor() > 0 {
+            g.record(&perf(0.8), &t, 1, &PHENOM);
+            windows += 1;
+        }
+        assert_eq!(windows, 2 * PATIENCE);
+        // Without thresholds to miss, nothing happens.
+        let mut g = Guard::default();
+        assert!(!g.record(&perf(0.1), &Thresholds::new(0.0, 0.0).unwrap(), 0, &PHENOM));
+        assert_eq!(g, Guard::default());
+    }
+
     proptest! {
+        /// Whatever the windows say, the floor stays in the table, a miss never lowers it, and
+        /// after a miss the floor is above the P-state that fell short (unless that was f_max).
+        #[test]
+        fn the_guard_stays_in_the_table_and_never_yields_to_a_miss(
+            windows in proptest::collection::vec((0.0f64..1.2, 0.0f64..1.2, 0usize..5), 1..60),
+            perf_t in 0.0f64..1.0,
+            thrp_t in 0.0f64..1.0,
+        ) {
+            let t = Thresholds::new(perf_t, thrp_t).unwrap();
+            let mut g = Guard::default();
+            for (p, q, at) in windows {
+                let o = Ratios { perf: p, power: 0.5, throughput: q };
+                let before = g.floor();
+                g.record(&o, &t, at, &PHENOM);
+                prop_assert!(g.floor() <= 4);
+                if !t.admit(&o) {
+                    prop_assert!(g.floor() >= before);
+                    prop_assert!(g.floor() > at || at == 4);
+                } else {
+                    prop_assert!(g.floor() + 1 >= before);
+                }
+            }
+        }
+
         /// A VM whose rates follow the P-state exactly is observed at exactly its ratios, the
         /// switching slices and the free slices (whatever ran in them) notwithstanding.
         #[test]

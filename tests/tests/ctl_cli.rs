@@ -311,8 +311,16 @@ fn lying_model(path: &std::path::Path) {
     std::fs::write(path, serde_json::to_string(&model).expect("serialises")).expect("writes");
 }
 
+/// The VM (id and decision) on `host` in `vmgov status --output json`.
+fn vm_on(v: &Vmgov, host: &str) -> Option<(String, serde_json::Value)> {
+    let status = v.json(&["status"]);
+    let h = status["hosts"].as_array()?.iter().find(|h| h["host_id"] == host)?.clone();
+    let vm = &h["vms"][0];
+    Some((vm["vm"]["vm_id"].as_str()?.to_owned(), vm["decision"].clone()))
+}
+
 #[test]
-fn a_vm_below_its_thresholds_shows_in_status_and_events() {
+fn a_vm_below_its_thresholds_is_reported_and_guarded() {
     let dir = std::env::temp_dir().join(format!("vmgov-sla-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let model = dir.join("lying-model.json");
@@ -325,45 +333,59 @@ fn a_vm_below_its_thresholds_shows_in_status_and_events() {
         c.env("VMGOV_COORDINATOR", &endpoint).args(["events", "--kind", "sla"]);
         c
     });
-    let mut agent = Daemon::spawn("sla-host", {
+    // Two hosts run namd on the lying model: one only reports its misses, one guards.
+    let host = |name: &str, extra: &[&str]| {
         let mut c = Command::new(binary("vmgov-agent"));
         c.args(["run", "--platform", "sim", "--class", "phenom-9500", "-w", "444.namd"])
             .args(["--scale", "50", "--speed", "30", "--verify-every", "200"])
-            .args(["--coordinator", &endpoint, "--host-id", "sla-host"])
+            .args(["--coordinator", &endpoint, "--host-id", name])
+            .args(extra)
             .arg("--model")
             .arg(&model)
             .arg("--cache-dir")
-            .arg(dir.join("cache"))
+            .arg(dir.join(name))
             .env("RUST_LOG", "warn");
-        c
-    });
-    eventually("the host to register", Duration::from_secs(30), || {
-        v.json(&["status"])["hosts"].as_array().is_some_and(|h| h.len() == 1)
+        Daemon::spawn(name, c)
+    };
+    let mut agents = [host("reporting", &["--no-guard"]), host("guarding", &[])];
+    eventually("both hosts to register", Duration::from_secs(30), || {
+        v.json(&["status"])["hosts"].as_array().is_some_and(|h| h.len() == 2)
     });
     v.ok(&["threshold", "set", "--fleet", "--perf", "0.9", "--thrp", "0.9"]);
-    // namd at 1.4 of 2.2 GHz runs at about 0.64 of its f_max speed, far below 0.9.
+    // namd at 1.4 of 2.2 GHz runs at about 0.64 of its f_max speed, far below 0.9; the host
+    // that only reports stays there and says so.
     eventually("the miss in the status", Duration::from_secs(30), || {
-        let status = v.json(&["status"]);
-        let d = &status["hosts"][0]["vms"][0]["decision"];
-        d["observed"]["perf"].as_f64().is_some_and(|p| p < 0.75)
-            && d["pstate_index"] == 0
-            && v.ok(&["status"]).contains("BELOW THRESHOLDS")
+        vm_on(&v, "reporting").is_some_and(|(_, d)| {
+            d["observed"]["perf"].as_f64().is_some_and(|p| p < 0.75) && d["pstate_index"] == 0
+        }) && v.ok(&["status"]).contains("BELOW THRESHOLDS")
     });
-    let vm_id = v.json(&["status"])["hosts"][0]["vms"][0]["vm"]["vm_id"]
-        .as_str()
-        .map(str::to_owned)
-        .expect("the VM's id");
-    eventually("a ThresholdMissed event", Duration::from_secs(30), || {
-        events.log().lines().any(|l| l.contains("ThresholdMissed") && l.contains(&vm_id))
+    let (reporting_vm, _) = vm_on(&v, "reporting").expect("the reporting host's VM");
+    let (guarded_vm, _) = vm_on(&v, "guarding").expect("the guarding host's VM");
+    eventually("a ThresholdMissed event from each", Duration::from_secs(30), || {
+        let log = events.log();
+        [&reporting_vm, &guarded_vm]
+            .iter()
+            .all(|vm| log.lines().any(|l| l.contains("ThresholdMissed") && l.contains(vm.as_str())))
+    });
+    // The guarding host overrules the model: 2.0 GHz is the first P-state where namd can reach
+    // 0.9 (0.91 by the clock ratio), and it gets there in one step.
+    eventually("the guarded VM above its thresholds", Duration::from_secs(30), || {
+        vm_on(&v, "guarding").is_some_and(|(_, d)| {
+            d["pstate_floor"] == 3
+                && d["pstate_index"].as_u64().is_some_and(|p| p >= 3)
+                && d["observed"]["perf"].as_f64().is_some_and(|p| p >= 0.9)
+        }) && v.ok(&["status"]).contains("guarded at P-state 3")
     });
     // Lowering the threshold below what the VM gets ends the misses.
     v.ok(&["threshold", "set", "--fleet", "--perf", "0.5", "--thrp", "0.5"]);
-    eventually("the VM back above its thresholds", Duration::from_secs(30), || {
+    eventually("the VMs back above their thresholds", Duration::from_secs(30), || {
         let out = v.ok(&["status"]);
         out.contains("0.50/0.50") && !out.contains("BELOW THRESHOLDS")
     });
     drop(events);
-    agent.terminate(Duration::from_secs(10));
+    for a in &mut agents {
+        a.terminate(Duration::from_secs(10));
+    }
     drop(coord);
     let _ = std::fs::remove_dir_all(&dir);
 }

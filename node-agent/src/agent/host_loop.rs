@@ -25,7 +25,7 @@ use crate::{
     governor::Baseline,
     learning::{Observation, Sweep},
     platform::{HostPlatform, HostSample, PlatformError, VmIndex, VmInfo},
-    verify::Verifier,
+    verify::{Guard, Slot, Verifier},
 };
 
 /// Messages to the host loop.
@@ -100,6 +100,10 @@ struct Entry {
     verified: u64,
     /// The last window fell short of the thresholds.
     missing: bool,
+    /// The highest P-state the VM chose in the current measured window.
+    window_pstate: Option<usize>,
+    /// The lowest P-state its windows allow it.
+    guard: Guard,
 }
 
 impl Entry {
@@ -114,6 +118,8 @@ impl Entry {
             observed: None,
             verified: 0,
             missing: false,
+            window_pstate: None,
+            guard: Guard::default(),
         }
     }
 
@@ -298,7 +304,7 @@ impl LoopState {
             self.learn(&sample);
         } else {
             self.account(&sample);
-            self.verify(&sample);
+            self.verify(&sample, platform.pstates());
             self.decide(&sample, platform.as_mut()).await?;
         }
         self.publish(&sample, false);
@@ -352,14 +358,14 @@ impl LoopState {
         let settings = &self.shared.settings;
         let timeout = Duration::from_secs_f64((settings.timeslice_s / 2.0).max(0.001));
         let timeout = if self.shared.lockstep { Duration::from_secs(5) } else { timeout };
-        let asks =
-            self.vms.iter().filter_map(|(id, e)| {
-                let s = sample.vms.iter().find(|s| s.vm == *id)?;
-                let counters = Box::new(s.counters.clone());
-                Some(async move {
-                    (*id, e.actor.call(|r| VmMsg::Tick(counters, r), Some(timeout)).await)
-                })
-            });
+        let asks = self.vms.iter().filter_map(|(id, e)| {
+            let s = sample.vms.iter().find(|s| s.vm == *id)?;
+            let counters = Box::new(s.counters.clone());
+            let floor = e.guard.floor();
+            Some(async move {
+                (*id, e.actor.call(|r| VmMsg::Tick(counters, floor, r), Some(timeout)).await)
+            })
+        });
         for (id, answer) in join_all(asks).await {
             let choice = match answer {
                 Ok(CallResult::Success(c)) => Some(c),
@@ -539,44 +545,71 @@ impl LoopState {
 
     /// Hands the slice just run to the verification windows: every VM that ran its own choice
     /// (or f_max in its stead, in a reference) is observed; at the end of a cycle the VMs get
-    /// their observed ratios.
-    fn verify(&mut self, sample: &HostSample) {
+    /// their observed ratios, and a VM that fell short of its thresholds is guarded.
+    fn verify(&mut self, sample: &HostSample, table: &vmgov_proto::PStateTable) {
         let Some(verifier) = self.verifier.as_mut() else { return };
-        let vms = &self.vms;
-        let slice = sample.vms.iter().filter_map(|s| {
-            let e = vms.get(&s.vm).filter(|e| e.chosen().is_some())?;
-            Some((
-                s.vm,
-                Observation {
-                    counters: s.counters.clone(),
-                    package_energy_j: e.slice_energy_j,
-                    start_unix_ns: 0,
-                },
-            ))
-        });
-        for (vm, observed) in verifier.observe(slice) {
-            if let Some(e) = self.vms.get_mut(&vm) {
-                e.observed = Some(observed);
-                e.verified += 1;
-                // Logged when it changes, not every window: the coordinator reports each miss.
-                let thresholds = e.last.as_ref().and_then(|c| c.thresholds);
-                let missing = thresholds.is_some_and(|t| !t.admit(&observed));
-                if missing != e.missing {
-                    e.missing = missing;
-                    let (perf_threshold, throughput_threshold) =
-                        thresholds.map_or((0.0, 0.0), |t| (t.perf(), t.throughput()));
-                    if missing {
-                        tracing::warn!(
-                            vm = %e.info.name, perf = observed.perf, throughput = observed.throughput,
-                            perf_threshold, throughput_threshold,
-                            "observed ratios below the VM's thresholds"
-                        );
-                    } else {
-                        tracing::info!(vm = %e.info.name, perf = observed.perf, throughput = observed.throughput,
-                            "observed ratios back above the VM's thresholds");
-                    }
+        let measured = verifier.slot() == Slot::Measured;
+        let vms = &mut self.vms;
+        let slice: Vec<_> = sample
+            .vms
+            .iter()
+            .filter_map(|s| {
+                let e = vms.get_mut(&s.vm)?;
+                let chosen = e.chosen()?;
+                if measured {
+                    e.window_pstate = Some(e.window_pstate.map_or(chosen, |p| p.max(chosen)));
+                }
+                Some((
+                    s.vm,
+                    Observation {
+                        counters: s.counters.clone(),
+                        package_energy_j: e.slice_energy_j,
+                        start_unix_ns: 0,
+                    },
+                ))
+            })
+            .collect();
+        let verdicts = verifier.observe(slice);
+        if !verifier.at_cycle_start() {
+            return;
+        }
+        let fmax = table.max_frequency_hz();
+        let clock: Vec<f64> = table.as_slice().iter().map(|p| p.frequency_hz / fmax).collect();
+        for (vm, observed) in verdicts {
+            let Some(e) = self.vms.get_mut(&vm) else { continue };
+            e.observed = Some(observed);
+            e.verified += 1;
+            let Some(t) = e.last.as_ref().and_then(|c| c.thresholds) else { continue };
+            let missing = !t.admit(&observed);
+            // Logged when it changes, not every window: the coordinator reports each miss.
+            if missing != e.missing {
+                e.missing = missing;
+                if missing {
+                    tracing::warn!(
+                        vm = %e.info.name, perf = observed.perf, throughput = observed.throughput,
+                        perf_threshold = t.perf(), throughput_threshold = t.throughput(),
+                        "observed ratios below the VM's thresholds"
+                    );
+                } else {
+                    tracing::info!(vm = %e.info.name, perf = observed.perf, throughput = observed.throughput,
+                        "observed ratios back above the VM's thresholds");
                 }
             }
+            let ran_at = e.window_pstate.or_else(|| e.chosen()).unwrap_or(0);
+            if self.shared.settings.guard && e.guard.record(&observed, &t, ran_at, &clock) {
+                let floor = e.guard.floor();
+                let ghz = table.frequency_hz(floor).unwrap_or(0.0) / 1e9;
+                if missing {
+                    tracing::warn!(vm = %e.info.name, floor, ghz,
+                        "guard: the VM may not go below P-state {floor} ({ghz:.2} GHz) whatever the model predicts");
+                } else {
+                    tracing::info!(vm = %e.info.name, floor, ghz, "guard eased to P-state {floor} ({ghz:.2} GHz)");
+                }
+            }
+        }
+        // A new cycle: new measured windows.
+        for e in self.vms.values_mut() {
+            e.window_pstate = None;
         }
     }
 
@@ -629,6 +662,7 @@ impl LoopState {
                     observed: e.observed,
                     verified_windows: e.verified,
                     thresholds: e.last.as_ref().and_then(|c| c.thresholds),
+                    pstate_floor: e.guard.floor(),
                 })
                 .collect(),
             finished,

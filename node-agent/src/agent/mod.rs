@@ -95,6 +95,9 @@ pub struct AgentSettings {
     /// Verification windows that measure what each VM's choice really costs it (none: only
     /// predictions are reported). Not run in dry-run, where nothing is set.
     pub verify: Option<VerifyPlan>,
+    /// Keep a VM whose observed ratios fell short at P-states that could meet its thresholds,
+    /// whatever the model predicts (see [`crate::verify::Guard`]); off: only report.
+    pub guard: bool,
 }
 
 impl Default for AgentSettings {
@@ -109,6 +112,7 @@ impl Default for AgentSettings {
             stop_when_idle: true,
             pace: None,
             verify: Some(VerifyPlan::default()),
+            guard: true,
         }
     }
 }
@@ -169,6 +173,8 @@ pub struct VmStatus {
     pub verified_windows: u64,
     /// The thresholds it is decided under.
     pub thresholds: Option<Thresholds>,
+    /// The lowest P-state its verification windows allow it (0: no restriction).
+    pub pstate_floor: usize,
 }
 
 /// What the agent is doing.

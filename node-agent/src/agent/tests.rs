@@ -271,6 +271,44 @@ async fn verification_measures_what_the_choice_really_costs() {
     agent.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_misses_its_thresholds_is_guarded_whatever_the_model_says() {
+    // A model that says no P-state costs any speed: it sends CPU-bound namd to 1.4 GHz, where it
+    // runs at 0.64 of its f_max speed against a threshold of 0.9.
+    let mut lying = model(&table(), 1);
+    for p in &mut lying.per_pstate {
+        p.perf = LinearFit { intercept: 1.0, coefficients: vec![0.0; 8] };
+    }
+    for guard in [false, true] {
+        let host = sim(vec![spec("namd", "444.namd", 0.05)]);
+        let settings = AgentSettings { verify: Some(SHORT), guard, ..AgentSettings::default() };
+        let mut agent =
+            start(host, settings, Policy { thresholds: thresholds(0.9), ..Policy::default() })
+                .await;
+        agent.set_model(&lying).unwrap();
+        let s = wait_for(&mut agent, 2000, |s| {
+            s.vms[0].verified_windows >= 2 || s.vms[0].pstate_floor > 0
+        })
+        .await;
+        let vm = &s.vms[0];
+        let observed = vm.observed.expect("observed");
+        if guard {
+            // One window below 0.9 raises the floor straight to 2.0 GHz, the first P-state that
+            // can reach 0.9 by the clock ratio; there namd meets its threshold.
+            assert!(observed.perf < 0.7, "{observed:?}");
+            assert_eq!((vm.verified_windows, vm.pstate_floor), (1, 3), "{s:?}");
+            let s = wait_for(&mut agent, 2000, |s| s.vms[0].verified_windows >= 2).await;
+            let vm = &s.vms[0];
+            assert_eq!((vm.pstate_floor, vm.pstate), (3, Some(3)), "{s:?}");
+            assert!(vm.observed.is_some_and(|o| o.perf > 0.88), "{s:?}");
+        } else {
+            assert_eq!((vm.pstate_floor, vm.pstate), (0, Some(0)), "{s:?}");
+            assert!(observed.perf < 0.7, "{observed:?}");
+        }
+        agent.shutdown().await;
+    }
+}
+
 #[derive(Clone, Default)]
 struct Buffer(Arc<Mutex<Vec<u8>>>);
 

@@ -15,8 +15,8 @@ use crate::{
 /// Messages to a VM actor.
 #[derive(Debug)]
 pub(super) enum VmMsg {
-    /// One slice's counters; reply with the choice.
-    Tick(Box<RawCounters>, RpcReplyPort<VmChoice>),
+    /// One slice's counters and the VM's guard floor; reply with the choice.
+    Tick(Box<RawCounters>, usize, RpcReplyPort<VmChoice>),
     /// New model and thresholds.
     SetPolicy(VmPolicyState),
     /// Fails the actor, for supervision tests.
@@ -68,11 +68,12 @@ impl Actor for VmActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            VmMsg::Tick(counters, reply) => {
+            VmMsg::Tick(counters, floor, reply) => {
                 let policy = VmPolicy {
                     predictor: state.policy.predictor.as_deref(),
                     thresholds: state.policy.thresholds,
                     objective: state.policy.objective,
+                    floor,
                 };
                 let choice = fastpath::choose(&counters, &policy, &mut state.scratch);
                 // The host loop may have given up waiting; that is its business.

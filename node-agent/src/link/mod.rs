@@ -395,6 +395,7 @@ impl Link {
                     model_version: version,
                     thresholds: v.thresholds.as_ref().map(Into::into),
                     observed_windows: v.verified_windows,
+                    pstate_floor: u32::try_from(v.pstate_floor).unwrap_or(u32::MAX),
                 })
                 .collect(),
             core_frequency_hz: s

@@ -534,7 +534,13 @@ fn learning_table(s: &pb::LearningStatus) -> comfy_table::Table {
         t.add_row([
             format!("  host {}", h.host_id),
             String::new(),
-            if h.finished { "finished".into() } else { "learning".into() },
+            if !h.error.is_empty() {
+                format!("failed: {}", h.error)
+            } else if h.finished {
+                "finished".into()
+            } else {
+                "learning".into()
+            },
             h.samples.to_string(),
             format!("{:.0}%", 100.0 * h.fraction_done),
         ]);
@@ -617,7 +623,21 @@ pub(crate) async fn learn(c: &mut Client, cmd: &LearnCmd, out: Output) -> Result
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
-            print(out, &last, || learning_table(&last))
+            print(out, &last, || learning_table(&last))?;
+            let failed: Vec<String> = last
+                .hosts
+                .iter()
+                .filter(|h| !h.error.is_empty())
+                .map(|h| format!("{}: {}", h.host_id, h.error))
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure::new(
+                    exit::UNAVAILABLE,
+                    format!("some hosts could not learn ({})", failed.join("; ")),
+                ))
+            }
         }
         LearnCmd::Status { id } => {
             let s = c

@@ -109,8 +109,15 @@ pub(crate) fn mean(window: &[Observation]) -> Option<Means> {
 }
 
 fn ratio(x: f64, reference: f64) -> f64 {
-    // A VM that sends nothing has lost no throughput.
-    if reference > 0.0 { x / reference } else { 1.0 }
+    if x.is_nan() || reference.is_nan() {
+        // Not measured (a host without an energy meter): unknown, not 1.
+        f64::NAN
+    } else if reference > 0.0 {
+        x / reference
+    } else {
+        // A VM that sends nothing has lost no throughput.
+        1.0
+    }
 }
 
 fn label(o: &Observation, reference: Means) -> Ratios {

@@ -126,6 +126,14 @@ pub fn linux_platform(config: &AgentConfig) -> Result<LinuxPlatform, RunError> {
                 .into(),
         );
     }
+    if config.learning.is_some() && !platform.info().energy_meter {
+        // Labels without power would train a model that sees no saving anywhere.
+        return Err(RunError::Platform(
+            "learning labels power from the package energy meter (RAPL), which this host does not \
+             have: learn on a host of the same class that has one"
+                .into(),
+        ));
+    }
     if missing.is_empty() {
         return Ok(platform);
     }

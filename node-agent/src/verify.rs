@@ -1,8 +1,8 @@
 //! Verification windows, pure: what a VM's chosen P-state really costs it, measured rather than
 //! predicted.
 //!
-//! A prediction is only as good as the model, and a model can be wrong for a workload it never
-//! saw (the report's soplex and libquantum). So once per cycle the host runs every deciding VM at
+//! A prediction is only as good as the model, and a model can be wrong for a workload unlike
+//! those it was trained on (ours is for soplex, libquantum and hmmer). So once per cycle the host runs every deciding VM at
 //! f_max for a reference window, at its own choice for a measured window, and at f_max again:
 //! the VM's observed ratios are its mean rates in the measured window over the mean of the two
 //! references around it, the same bracketing learning mode uses (see [`crate::learning`]), and
@@ -24,9 +24,9 @@
 //! per-VM [`Guard`], the lowest P-state the VM may use, to the lowest one that could meet the
 //! thresholds at all (a clock change scales a ratio by the clock ratio at most), whatever the
 //! model predicts. The guard comes down one P-state at a time after windows that meet the
-//! thresholds, waiting twice as long after every further miss, so a model that keeps mispredicting
-//! the same workload is overruled for longer each time and a workload that changed phase gets
-//! its savings back.
+//! thresholds, waiting twice as long after every further miss, so a model that keeps
+//! mispredicting the same workload is overruled for longer each time and a workload that changed
+//! phase gets its savings back.
 
 use std::collections::BTreeMap;
 
@@ -371,6 +371,15 @@ mod tests {
         assert_eq!(v.discarded(), 1);
         assert_eq!(got.len(), 1, "the second cycle is steady");
         assert!((got[0].perf - 0.5).abs() < 1e-6, "{:?}", got[0]);
+    }
+
+    #[test]
+    fn without_an_energy_meter_power_is_unknown_not_one() {
+        let plan = VerifyPlan { every_slices: 12, measured_slices: 4, reference_slices: 2 };
+        let (got, _) = run(plan, 1, |fmax, _| (if fmax { 2e9 } else { 1e9 }, f64::NAN, 0.0));
+        assert_eq!(got.len(), 1);
+        assert!(got[0].power.is_nan() && (got[0].perf - 0.5).abs() < 1e-9, "{:?}", got[0]);
+        assert!((got[0].throughput - 1.0).abs() < 1e-12, "nothing sent, nothing lost");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The agent on a real Linux host with real QEMU guests (TCG), in dry-run: it finds the guests
 //! and their vCPU threads, sees a guest's disk writes and another's HTTP traffic in the counters
-//! it emits, and stops a VM's actor when the guest goes.
+//! it emits, and stops a VM's actor when the guest goes. Connected to a real coordinator, it
+//! registers the guests, and refuses to learn without an energy meter, saying why.
 //!
 //! Needs root, /dev/net/tun and the packages `tools/test` installs. No assertion depends on
 //! speed: timeouts only stop a hang.
@@ -66,8 +67,13 @@ fn the_agent_sees_real_guests_their_disk_and_their_network() {
     let samples =
         std::env::temp_dir().join(format!("vmgov-agent-qemu-{}.jsonl", std::process::id()));
     let cache = std::env::temp_dir().join(format!("vmgov-agent-qemu-cache-{}", std::process::id()));
+    let mut coordinator = Command::new(binary("vmgov-coordinator"));
+    coordinator.args(["--listen", "127.0.0.1:0"]).env("RUST_LOG", "warn,vmgov_coordinator=info");
+    let coordinator = Daemon::spawn("coordinator", coordinator);
+    let endpoint = format!("http://{}", coordinator.wait_for_listen_address());
     let mut cmd = Command::new(binary("vmgov-agent"));
     cmd.args(["run", "--platform", "linux", "--dry-run", "--timeslice-ms", "100"])
+        .args(["--coordinator", &endpoint, "--host-id", "qemu-host"])
         .arg("--emit-samples")
         .arg(&samples)
         .arg("--cache-dir")
@@ -87,6 +93,36 @@ fn the_agent_sees_real_guests_their_disk_and_their_network() {
         assert_eq!(line["counters"]["vcpus"], 2, "{line}");
     }
     assert!(agent.log().contains("VM found"), "{}", agent.log());
+
+    // The coordinator knows the host and its guests; asked to learn, the host says it cannot.
+    let vmgov = |args: &[&str]| {
+        Command::new(binary("vmgov"))
+            .env("VMGOV_COORDINATOR", &endpoint)
+            .args(args)
+            .output()
+            .expect("vmgov runs")
+    };
+    let mut class = String::new();
+    wait_until("the coordinator to list both guests", Duration::from_secs(30), || {
+        let out = vmgov(&["status", "--output", "json"]);
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let host = &status["hosts"][0];
+        class = host["hardware_class"].as_str().unwrap_or_default().to_owned();
+        let names: Vec<&str> = host["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["vm"]["name"].as_str())
+            .collect();
+        host["host_id"] == "qemu-host"
+            && names.contains(&disk.name())
+            && names.contains(&web.name())
+    });
+    let learn = vmgov(&["learn", "start", "--class", &class, "--samples", "100"]);
+    let err = String::from_utf8_lossy(&learn.stderr);
+    assert_eq!(learn.status.code(), Some(6), "{err}");
+    assert!(err.contains("qemu-host") && err.contains("no package energy meter"), "{err}");
 
     // A guest writing N MiB shows up as about N MiB of disk writes.
     let t0 = last_time(&lines(&samples));

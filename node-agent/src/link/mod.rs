@@ -93,6 +93,8 @@ struct Link {
     held: Held,
     /// The learning run in progress (id, labelled samples when it started, its target).
     learning: Option<(String, u64, u64)>,
+    /// A learning command this host could not carry out, to report once.
+    refused: Option<pb::LearningProgress>,
     /// Labelled samples the agent had produced at the last status seen.
     labelled_so_far: u64,
 }
@@ -133,6 +135,7 @@ pub async fn run(
         buffer,
         held: Held::default(),
         learning: None,
+        refused: None,
         labelled_so_far: 0,
     };
     link.restore_from_cache();
@@ -347,6 +350,9 @@ impl Link {
 
     /// Progress of the learning run in progress, if any; forgets a finished run once reported.
     fn progress(&mut self, s: &AgentStatus) -> Option<pb::LearningProgress> {
+        if let Some(refused) = self.refused.take() {
+            return Some(refused);
+        }
         let (id, at_start, target) = self.learning.clone()?;
         let samples = s.labelled_samples.saturating_sub(at_start);
         let finished = !s.learning && samples > 0;
@@ -435,6 +441,19 @@ impl Link {
                 }
                 self.held.learning = Some(f);
                 let result = match cmd.command {
+                    Some(pb::learning_command::Command::Start(_)) if !self.info.energy_meter => {
+                        let error = "this host has no package energy meter (RAPL) to label power \
+                                     with; it cannot learn";
+                        tracing::warn!(learning = %cmd.learning_id, "{error}");
+                        self.refused = Some(pb::LearningProgress {
+                            learning_id: cmd.learning_id.clone(),
+                            finished: true,
+                            error: error.into(),
+                            host_id: self.config.host_id.clone(),
+                            ..pb::LearningProgress::default()
+                        });
+                        Ok(())
+                    }
                     Some(pb::learning_command::Command::Start(plan)) => {
                         self.learning = Some((
                             cmd.learning_id.clone(),

@@ -403,4 +403,8 @@ fn run_refuses_to_act_where_it_cannot_and_observes_in_dry_run() {
     c.dry_run = true;
     let p = linux_platform(&c).unwrap();
     assert!(p.cannot_act().is_some());
+    // Learning needs the energy meter this fixture does not have.
+    c.learning = Some(crate::config::LearningConfig::default());
+    let e = linux_platform(&c).unwrap_err().to_string();
+    assert!(e.contains("energy meter") && e.contains("RAPL"), "{e}");
 }

@@ -548,11 +548,15 @@ impl LoopState {
     /// their observed ratios, and a VM that fell short of its thresholds is guarded.
     fn verify(&mut self, sample: &HostSample, table: &vmgov_proto::PStateTable) {
         let Some(verifier) = self.verifier.as_mut() else { return };
-        let measured = verifier.slot() == Slot::Measured;
+        let slot = verifier.slot();
+        let measured = slot == Slot::Measured;
         let vms = &mut self.vms;
+        // Most slices are free: nothing to copy for them.
+        let in_window = slot != Slot::Free;
         let slice: Vec<_> = sample
             .vms
             .iter()
+            .filter(|_| in_window)
             .filter_map(|s| {
                 let e = vms.get_mut(&s.vm)?;
                 let chosen = e.chosen()?;

@@ -98,6 +98,10 @@ struct Entry {
     /// Ratios of the last verification window, and how many windows completed.
     observed: Option<vmgov_proto::Ratios>,
     verified: u64,
+    /// The P-state that window measured, when the VM held one P-state through it.
+    observed_at: Option<usize>,
+    /// The lowest P-state the VM chose in the current measured window.
+    window_low: Option<usize>,
     /// The last window fell short of the thresholds.
     missing: bool,
     /// The highest P-state the VM chose in the current measured window.
@@ -117,6 +121,8 @@ impl Entry {
             slice_energy_j: f64::NAN,
             observed: None,
             verified: 0,
+            observed_at: None,
+            window_low: None,
             missing: false,
             window_pstate: None,
             guard: Guard::default(),
@@ -510,10 +516,12 @@ impl LoopState {
     }
 
     /// Estimates each VM's energy over the slice just run and, where it ran at a P-state of its
-    /// own choice, the energy f_max would have taken for the same work. Package meters are not
-    /// per VM: a VM is given the package's energy in proportion to its share of all core time,
-    /// so the share matching idle core time is charged to no one. In dry-run nothing was set, so
-    /// nothing was saved, and a verification reference ran at f_max, so it saved nothing
+    /// own choice, the energy f_max would have taken for the same work: from the ratios its last
+    /// verification window measured at that P-state when there are some (a model can be wrong
+    /// about a workload; the measurement is not), else from the predicted ones. Package meters
+    /// are not per VM: a VM is given the package's energy in proportion to its share of all core
+    /// time, so the share matching idle core time is charged to no one. In dry-run nothing was
+    /// set, so nothing was saved, and a verification reference ran at f_max, so it saved nothing
     /// either. The sums restart with the loop (a restarted loop starts from zero).
     fn account(&mut self, sample: &HostSample) {
         #[allow(clippy::cast_precision_loss, reason = "core counts and nanoseconds fit f64")]
@@ -533,10 +541,12 @@ impl LoopState {
                 continue;
             }
             e.energy_j += energy_j;
-            let ran_its_choice =
-                e.last.as_ref().filter(|c| acting && !reference && c.pstate.is_some());
+            let Some(choice) = e.last.as_ref().filter(|_| acting && !reference) else { continue };
+            let measured = e.observed.filter(|o| {
+                e.observed_at.is_some() && e.observed_at == choice.pstate && o.power.is_finite()
+            });
             if let Some(at_fmax) =
-                ran_its_choice.and_then(|c| c.predicted).and_then(|r| r.energy_at_fmax(energy_j))
+                measured.or(choice.predicted).and_then(|r| r.energy_at_fmax(energy_j))
             {
                 e.saved_j += at_fmax - energy_j;
             }
@@ -562,6 +572,7 @@ impl LoopState {
                 let chosen = e.chosen()?;
                 if measured {
                     e.window_pstate = Some(e.window_pstate.map_or(chosen, |p| p.max(chosen)));
+                    e.window_low = Some(e.window_low.map_or(chosen, |p| p.min(chosen)));
                 }
                 Some((
                     s.vm,
@@ -583,6 +594,7 @@ impl LoopState {
             let Some(e) = self.vms.get_mut(&vm) else { continue };
             e.observed = Some(observed);
             e.verified += 1;
+            e.observed_at = e.window_pstate.filter(|&p| e.window_low == Some(p));
             let Some(t) = e.last.as_ref().and_then(|c| c.thresholds) else { continue };
             let missing = !t.admit(&observed);
             // Logged when it changes, not every window: the coordinator reports each miss.
@@ -614,6 +626,7 @@ impl LoopState {
         // A new cycle: new measured windows.
         for e in self.vms.values_mut() {
             e.window_pstate = None;
+            e.window_low = None;
         }
     }
 

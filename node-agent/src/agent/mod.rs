@@ -163,8 +163,8 @@ pub struct VmStatus {
     /// time (0 without a meter).
     pub energy_j: f64,
     /// Estimated energy saved against running the same work at f_max since the agent started,
-    /// joules (negative where a lower P-state cost more): from the predicted ratios of the
-    /// P-states it ran at.
+    /// joules (negative where a lower P-state cost more): from the ratios the last verification
+    /// window measured at the P-state it ran at, or else the predicted ones.
     pub energy_saved_j: f64,
     /// Ratios measured in the last verification window (see [`crate::verify`]); power is NaN
     /// where the host has no energy meter.

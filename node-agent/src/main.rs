@@ -303,6 +303,16 @@ fn run_cmd(args: &RunArgs) -> anyhow::Result<()> {
         "vmgov-agent: stopped after {} slices ({:.2} s of host time); {} labelled samples; {} sample lines dropped",
         s.slices, s.time_s, s.labelled_samples, s.samples_dropped
     );
+    if s.energy_j > 0.0 {
+        let at_fmax = s.energy_j + s.energy_saved_j;
+        eprintln!(
+            "vmgov-agent: its estimate: {:.1} J charged to VMs, {:.1} J saved against f_max ({:.1}% of {:.1} J)",
+            s.energy_j,
+            s.energy_saved_j,
+            100.0 * s.energy_saved_j / at_fmax,
+            at_fmax
+        );
+    }
     if let Some(mut platform) = finished.platform
         && let Some(sim) =
             platform.as_any_mut().downcast_mut::<vmgov_agent::platform::sim::SimPlatform>()

@@ -10,12 +10,14 @@
 //! discarded as straddling a phase change. The first slice of every window straddles a
 //! frequency switch and is dropped.
 //!
-//! Power is the energy the caller attributes to the VM: its core-time share of the package meter.
-//! Every deciding VM on the host takes its references at the same time, so alone on a host the
-//! power ratio is the VM's own, but with neighbours it moves with theirs too (and, on a shared
-//! voltage plane, with the voltage the fastest of them holds): a package meter cannot do
-//! better. Likewise the ratios compare against f_max under the current co-location, not against
-//! the VM alone on the host.
+//! Power is the package's, as in learning's labels and so in the model's predictions. Every
+//! deciding VM on the host takes its references at the same time, so alone on a host the power
+//! ratio is the VM's own, but with neighbours it is the host's (and, on a shared voltage plane,
+//! follows the voltage the fastest of them holds): a package meter cannot do better. A VM's
+//! core-time share of the package would be worse: a server is busier at a lower clock, so its
+//! share would grow by the idle energy f_max leaves to no one, and a lower clock that saves the
+//! host a fifth would look like a loss. Likewise the ratios compare against f_max under the
+//! current co-location, not against the VM alone on the host.
 //!
 //! What it costs: `2 × reference_slices` slices at f_max per `every_slices`, by default 8 in 1000
 //! (0.8% of the time at f_max; a window every 10 s at the default 10 ms timeslice).

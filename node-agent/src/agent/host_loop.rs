@@ -93,8 +93,6 @@ struct Entry {
     /// Estimated energy since the agent started (J), and saved against f_max (J).
     energy_j: f64,
     saved_j: f64,
-    /// Energy charged to the VM for the last slice (J); NaN without a package meter.
-    slice_energy_j: f64,
     /// Ratios of the last verification window, and how many windows completed.
     observed: Option<vmgov_proto::Ratios>,
     verified: u64,
@@ -118,7 +116,6 @@ impl Entry {
             last: None,
             energy_j: 0.0,
             saved_j: 0.0,
-            slice_energy_j: f64::NAN,
             observed: None,
             verified: 0,
             observed_at: None,
@@ -156,6 +153,9 @@ pub(super) struct LoopState {
     paced_from: Option<(Instant, f64)>,
     model_version: Option<u64>,
     time_s: f64,
+    /// Energy charged to, and saved for, VMs that are gone (J).
+    gone_energy_j: f64,
+    gone_saved_j: f64,
 }
 
 impl std::fmt::Debug for LoopState {
@@ -200,6 +200,8 @@ impl Actor for HostLoop {
             paced_from: None,
             model_version: args.model_version,
             time_s: previous.time_s,
+            gone_energy_j: 0.0,
+            gone_saved_j: 0.0,
             shared: args.shared,
         })
     }
@@ -328,6 +330,8 @@ impl LoopState {
         for id in gone {
             if let Some(e) = self.vms.remove(&id) {
                 tracing::info!(vm = %e.info.name, uuid = %e.info.uuid, "VM gone; stopping its actor");
+                self.gone_energy_j += e.energy_j;
+                self.gone_saved_j += e.saved_j;
                 self.supervisor.send_message(SupervisorMsg::StopVm(id))?;
             }
         }
@@ -536,7 +540,6 @@ impl LoopState {
             let Some(e) = self.vms.get_mut(&s.vm) else { continue };
             #[allow(clippy::cast_precision_loss, reason = "nanoseconds per slice fit f64")]
             let energy_j = package_j * (s.counters.cpu_time_ns as f64 / core_ns).min(1.0);
-            e.slice_energy_j = energy_j;
             if energy_j.is_nan() {
                 continue;
             }
@@ -559,6 +562,9 @@ impl LoopState {
     fn verify(&mut self, sample: &HostSample, table: &vmgov_proto::PStateTable) {
         let Some(verifier) = self.verifier.as_mut() else { return };
         let slot = verifier.slot();
+        // The package's energy, as learning labels power: the VM's core-time share of it would
+        // charge a server, busier at a lower clock, the idle energy f_max leaves to no one.
+        let package_j = sample.package_energy_j.unwrap_or(f64::NAN);
         let measured = slot == Slot::Measured;
         let vms = &mut self.vms;
         // Most slices are free: nothing to copy for them.
@@ -578,7 +584,7 @@ impl LoopState {
                     s.vm,
                     Observation {
                         counters: s.counters.clone(),
-                        package_energy_j: e.slice_energy_j,
+                        package_energy_j: package_j,
                         start_unix_ns: 0,
                     },
                 ))
@@ -684,6 +690,8 @@ impl LoopState {
                 .collect(),
             finished,
             samples_dropped: self.shared.emitter.as_ref().map_or(0, |e| e.dropped()),
+            energy_j: self.gone_energy_j + self.vms.values().map(|e| e.energy_j).sum::<f64>(),
+            energy_saved_j: self.gone_saved_j + self.vms.values().map(|e| e.saved_j).sum::<f64>(),
         };
         self.status.send_replace(status);
     }

@@ -166,8 +166,8 @@ pub struct VmStatus {
     /// joules (negative where a lower P-state cost more): from the ratios the last verification
     /// window measured at the P-state it ran at, or else the predicted ones.
     pub energy_saved_j: f64,
-    /// Ratios measured in the last verification window (see [`crate::verify`]); power is NaN
-    /// where the host has no energy meter.
+    /// Ratios measured in the last verification window (see [`crate::verify`]); power is the
+    /// package's, NaN where the host has no energy meter.
     pub observed: Option<Ratios>,
     /// Verification windows completed for this VM since the agent started.
     pub verified_windows: u64,
@@ -200,6 +200,11 @@ pub struct AgentStatus {
     pub finished: bool,
     /// Sample lines dropped because the writer was behind.
     pub samples_dropped: u64,
+    /// Energy charged to VMs since the loop started, joules, and saved against f_max: the sums of
+    /// [`VmStatus::energy_j`] and [`VmStatus::energy_saved_j`] over every VM, gone ones included.
+    pub energy_j: f64,
+    /// See [`Self::energy_j`].
+    pub energy_saved_j: f64,
 }
 
 /// State shared by the actors: the platform (behind a lock the host loop holds for a slice)

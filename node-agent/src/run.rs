@@ -127,7 +127,7 @@ pub fn linux_platform(config: &AgentConfig) -> Result<LinuxPlatform, RunError> {
         );
     }
     if config.learning.is_some() && !platform.info().energy_meter {
-        // Labels without power would train a model that sees no saving anywhere.
+        // Without a meter every power label would be unknown: nothing to train a model on.
         return Err(RunError::Platform(
             "learning labels power from the package energy meter (RAPL), which this host does not \
              have: learn on a host of the same class that has one"

@@ -2,13 +2,13 @@
 //! predicted.
 //!
 //! A prediction is only as good as the model, and a model can be wrong for a workload unlike
-//! those it was trained on (ours is for soplex, libquantum and hmmer). So once per cycle the host runs every deciding VM at
-//! f_max for a reference window, at its own choice for a measured window, and at f_max again:
-//! the VM's observed ratios are its mean rates in the measured window over the mean of the two
-//! references around it, the same bracketing learning mode uses (see [`crate::learning`]), and
-//! a cycle whose two references disagree by more than [`crate::learning::PHASE_CHANGE`] is
-//! discarded as straddling a phase change. The first slice of every window straddles a
-//! frequency switch and is dropped.
+//! those it was trained on (ours is for soplex, libquantum and hmmer). So once per cycle the
+//! host runs every deciding VM at f_max for a reference window, at its own choice for a measured
+//! window, and at f_max again: the VM's observed ratios are its mean rates in the measured window
+//! over the mean of the two references around it, the same bracketing learning mode uses (see
+//! [`crate::learning`]), and a cycle whose two references disagree by more than
+//! [`crate::learning::PHASE_CHANGE`] is discarded as straddling a phase change. The first slice
+//! of every window straddles a frequency switch and is dropped.
 //!
 //! Power is the package's, as in learning's labels and so in the model's predictions. Every
 //! deciding VM on the host takes its references at the same time, so alone on a host the power

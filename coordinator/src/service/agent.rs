@@ -6,8 +6,8 @@
 //! Then: sample batches are stored once per (host, batch id) and acknowledged by id, VM
 //! lifecycle updates the registration (and the thresholds pushed), decision summaries are kept
 //! for status (and every new verification window below a VM's thresholds becomes a
-//! `ThresholdMissed` event), and every change in the store (a model activated, a threshold set, through any
-//! coordinator) is pushed as it happens.
+//! `ThresholdMissed` event), and every change in the store (a model activated, a threshold set,
+//! through any coordinator) is pushed as it happens.
 
 use std::pin::Pin;
 

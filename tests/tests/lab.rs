@@ -135,6 +135,10 @@ fn the_quick_lab_runs_the_reports_experiment_end_to_end() {
                 "{id} at {pct}%: the oracle used more energy than performance: {oracle}"
             );
             let vmgov = governor(t, "vmgov");
+            // vmgov's agent counted what it saved, as `vmgov status` would say; the baselines
+            // have no agent to ask.
+            assert!(vmgov["estimated_saving"].as_f64().is_some_and(f64::is_finite), "{vmgov}");
+            assert!(perf["estimated_saving"].is_null(), "{perf}");
             if s["single"] == true {
                 assert!(
                     vmgov["thresholds_met"] == true,

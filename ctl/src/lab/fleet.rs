@@ -87,6 +87,9 @@ pub(crate) struct AgentRun {
     pub completed: bool,
     /// Core frequencies per slice.
     pub trace: Option<Trace>,
+    /// The agent's own estimate of the share of f_max's energy it saved (what `vmgov status`
+    /// would say), if it charged any energy.
+    pub estimated_saving: Option<f64>,
 }
 
 fn status_error(what: &str, endpoint: &str, e: &tonic::Status) -> anyhow::Error {
@@ -552,10 +555,14 @@ impl LabAgent {
             .as_any_mut()
             .downcast_mut::<LabPlatform>()
             .ok_or_else(|| anyhow!("the agent handed back another platform"))?;
+        let s = &finished.status;
+        let at_fmax = s.energy_j + s.energy_saved_j;
         Ok(AgentRun {
             report: lab.host().report(),
             completed: lab.host().all_finished(),
             trace: lab.take_trace(),
+            estimated_saving: (s.energy_j > 0.0 && at_fmax > 0.0)
+                .then(|| s.energy_saved_j / at_fmax),
         })
     }
 }

@@ -643,6 +643,7 @@ async fn experiment_with<S: Store>(
                             completed: r.completed,
                             trace: r.trace,
                             wall_s: t0.elapsed().as_secs_f64(),
+                            estimated_saving: r.estimated_saving,
                         });
                     (key, result)
                 });

@@ -82,6 +82,8 @@ pub(crate) struct SummaryRow {
     pub vmgov_saving: Option<f64>,
     /// vmgov's core-only saving.
     pub vmgov_core_saving: Option<f64>,
+    /// vmgov's own estimate of its saving (what `vmgov status` says).
+    pub vmgov_estimate: Option<f64>,
     /// Equation 9's package saving.
     pub equation9_saving: Option<f64>,
     /// The oracle's package saving.
@@ -226,6 +228,7 @@ pub(crate) fn summary(scenarios: &[ScenarioResult]) -> Vec<SummaryRow> {
                 threshold: t.threshold,
                 vmgov_saving: get(Governor::Vmgov).map(|r| r.saving),
                 vmgov_core_saving: get(Governor::Vmgov).map(|r| 1.0 - r.core_energy_ratio),
+                vmgov_estimate: get(Governor::Vmgov).and_then(|r| r.estimated_saving),
                 equation9_saving: get(Governor::Equation9).map(|r| r.saving),
                 oracle_saving: get(Governor::Oracle).map(|r| r.saving),
                 oracle_core_saving: get(Governor::Oracle).map(|r| 1.0 - r.core_energy_ratio),
@@ -240,10 +243,11 @@ pub(crate) fn summary(scenarios: &[ScenarioResult]) -> Vec<SummaryRow> {
     out
 }
 
-const SUMMARY_HEADER: [&str; 9] = [
+const SUMMARY_HEADER: [&str; 10] = [
     "scenario",
     "threshold",
     "vmgov saved (cores)",
+    "vmgov's estimate",
     "eq. 9 saved",
     "oracle saved (cores)",
     "vmgov / oracle",
@@ -258,6 +262,7 @@ fn summary_cells(r: &SummaryRow) -> Vec<String> {
         r.title.clone(),
         format!("{:.0}%", 100.0 * r.threshold),
         format!("{} ({})", opt_pct(r.vmgov_saving), opt_pct(r.vmgov_core_saving)),
+        opt_pct(r.vmgov_estimate),
         opt_pct(r.equation9_saving),
         format!("{} ({})", opt_pct(r.oracle_saving), opt_pct(r.oracle_core_saving)),
         opt_pct(r.vmgov_share),
@@ -419,7 +424,10 @@ pub(crate) fn markdown(report: &Report) -> String {
     let _ = writeln!(out, "## Summary\n");
     let _ = writeln!(
         out,
-        "Package energy saved against `performance` (cores only in brackets).\n\n{}",
+        "Package energy saved against `performance` (cores only in brackets). \"vmgov's \
+         estimate\" is what vmgov's agent itself counted, as `vmgov status` reports it: the \
+         energy charged to the VMs (their core-time share of the package meter) against what \
+         f_max would have taken, from measured ratios once its verification windows have them.\n\n{}",
         md_table(&SUMMARY_HEADER, report.summary.iter().map(summary_cells))
     );
     for v in verdicts(report) {

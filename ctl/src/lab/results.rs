@@ -94,6 +94,9 @@ pub(crate) struct GovernorResult {
     pub transitions: u64,
     /// Wall time of the run, seconds.
     pub wall_s: f64,
+    /// The agent's own estimate of its saving, as `vmgov status` reports it (vmgov's runs): on
+    /// the energy charged to VMs (their core-time share of the package), not the whole package.
+    pub estimated_saving: Option<f64>,
     /// Per VM.
     pub vms: Vec<VmResult>,
 }
@@ -206,6 +209,7 @@ pub(crate) fn evaluate(
             completed: run.completed,
             transitions: r.transitions.iter().sum(),
             wall_s: run.wall_s,
+            estimated_saving: run.estimated_saving,
             vms,
         });
     }

@@ -111,6 +111,8 @@ pub(crate) struct RunData {
     pub trace: Option<Trace>,
     /// Wall time it took, seconds.
     pub wall_s: f64,
+    /// vmgov's own estimate of its saving (its runs only).
+    pub estimated_saving: Option<f64>,
 }
 
 /// Runs a baseline governor or the oracle on a simulated host, to the end of every VM's work
@@ -138,6 +140,7 @@ pub(crate) fn simulated(
         completed: outcome.completed,
         trace: None,
         wall_s: started.elapsed().as_secs_f64(),
+        estimated_saving: None,
     })
 }
 

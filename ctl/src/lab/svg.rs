@@ -11,6 +11,22 @@ const MAX_POINTS: usize = 600;
 const COLOURS: [&str; 8] =
     ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"];
 
+/// An SVG document's opening: the element, a white background and the title at `left`.
+fn open(width: f64, height: f64, font_size: u32, left: f64, title: &str) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="{font_size}">"##
+    );
+    let _ = write!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
+    let _ = write!(
+        s,
+        r##"<text x="{left}" y="20" font-size="14" font-weight="bold">{}</text>"##,
+        escape(title)
+    );
+    s
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -45,17 +61,7 @@ pub(crate) fn energy_chart(title: &str, bars: &[EnergyBar]) -> String {
         .fold(1.0_f64, f64::max);
     let x_max = ((max * 1.05) * 10.0).ceil() / 10.0;
     let x = |v: f64| left + plot_w * (v.max(0.0) / x_max).min(1.0);
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"##
-    );
-    let _ = write!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    let _ = write!(
-        s,
-        r##"<text x="{left}" y="20" font-size="14" font-weight="bold">{}</text>"##,
-        escape(title)
-    );
+    let mut s = open(width, height, 12, left, title);
     let _ = write!(
         s,
         r##"<text x="{left}" y="38" fill="#555">energy relative to performance: package (dark), cores only (light); ✗ a VM missed its threshold</text>"##
@@ -156,17 +162,7 @@ pub(crate) fn frequency_chart(title: &str, trace: &Trace, pstates_ghz: &[f64]) -
     let lo = pstates_ghz.iter().copied().fold(f64::INFINITY, f64::min);
     let lo = if lo.is_finite() { (lo * 0.9 * 10.0).floor() / 10.0 } else { 0.0 };
     let hi = pstates_ghz.iter().copied().fold(0.0_f64, f64::max).max(lo + 0.1);
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"##
-    );
-    let _ = write!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    let _ = write!(
-        s,
-        r##"<text x="{left}" y="20" font-size="14" font-weight="bold">{}</text>"##,
-        escape(title)
-    );
+    let mut s = open(width, height, 11, left, title);
     let _ = write!(
         s,
         r##"<text x="{left}" y="37" fill="#555">mean frequency of each core per {:.0} ms (GHz); {slices} slices of {:.0} ms, {duration:.1} s simulated</text>"##,

@@ -409,9 +409,7 @@ async fn learning_sweeps_the_pstates_and_labels_the_slices() {
     let done = agent.wait().await;
     assert!(done.status.labelled_samples >= 200, "{:?}", done.status);
     drop(done);
-    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<serde_json::Value> =
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = lines(&out);
     assert!(lines.len() >= 200);
     let perf_at = |p: u64| {
         let v: Vec<f64> = lines
@@ -443,9 +441,7 @@ async fn emitted_samples_carry_deltas_and_features() {
     .await
     .unwrap();
     drop(agent.wait().await);
-    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<serde_json::Value> =
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = lines(&out);
     assert!(lines.len() >= 45, "{}", lines.len());
     let last = &lines[lines.len() - 1];
     assert_eq!(last["vm"], "web");

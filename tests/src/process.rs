@@ -58,6 +58,18 @@ fn build_daemons(profile_dir: &Path) -> Result<(), String> {
     }
 }
 
+/// Starts `vmgov-coordinator` on a free loopback port with `extra` flags (its own log at info,
+/// the rest at warn) and returns it with the address it listens on (`host:port`).
+pub fn coordinator(name: &str, extra: &[&str]) -> (Daemon, String) {
+    let mut cmd = Command::new(binary("vmgov-coordinator"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "warn,vmgov_coordinator=info");
+    let d = Daemon::spawn(name, cmd);
+    let addr = d.wait_for_listen_address();
+    (d, addr)
+}
+
 /// A running process of ours.
 #[derive(Debug)]
 pub struct Daemon {

@@ -67,10 +67,8 @@ fn the_agent_sees_real_guests_their_disk_and_their_network() {
     let samples =
         std::env::temp_dir().join(format!("vmgov-agent-qemu-{}.jsonl", std::process::id()));
     let cache = std::env::temp_dir().join(format!("vmgov-agent-qemu-cache-{}", std::process::id()));
-    let mut coordinator = Command::new(binary("vmgov-coordinator"));
-    coordinator.args(["--listen", "127.0.0.1:0"]).env("RUST_LOG", "warn,vmgov_coordinator=info");
-    let coordinator = Daemon::spawn("coordinator", coordinator);
-    let endpoint = format!("http://{}", coordinator.wait_for_listen_address());
+    let (_coordinator, addr) = vmgov_tests::process::coordinator("coordinator", &[]);
+    let endpoint = format!("http://{addr}");
     let mut cmd = Command::new(binary("vmgov-agent"));
     cmd.args(["run", "--platform", "linux", "--dry-run", "--timeslice-ms", "100"])
         .args(["--coordinator", &endpoint, "--host-id", "qemu-host"])

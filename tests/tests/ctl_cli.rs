@@ -10,11 +10,7 @@ use std::{
 use vmgov_tests::process::{Daemon, binary};
 
 fn coordinator() -> (Daemon, String) {
-    let mut cmd = Command::new(binary("vmgov-coordinator"));
-    cmd.args(["--listen", "127.0.0.1:0"]).env("RUST_LOG", "warn,vmgov_coordinator=info");
-    let d = Daemon::spawn("coordinator", cmd);
-    let addr = d.wait_for_listen_address();
-    (d, addr)
+    vmgov_tests::process::coordinator("coordinator", &[])
 }
 
 fn agent(endpoint: &str, class: &str, host: &str, cache: &std::path::Path) -> Daemon {
@@ -69,6 +65,13 @@ impl Vmgov {
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(code), "vmgov {args:?}: {err}");
         err
+    }
+
+    /// Every VM of every host in `vmgov status`.
+    fn vms(&self) -> Vec<serde_json::Value> {
+        let status = self.json(&["status"]);
+        let hosts = status["hosts"].as_array().cloned().unwrap_or_default();
+        hosts.iter().flat_map(|h| h["vms"].as_array().cloned().unwrap_or_default()).collect()
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -206,12 +209,7 @@ fn every_vmgov_command_against_a_live_coordinator() {
     });
     // Each VM is charged its share of the package energy, and the table shows what was saved.
     eventually("energy estimates in the status", Duration::from_secs(30), || {
-        let vms: Vec<_> = v.json(&["status"])["hosts"]
-            .as_array()
-            .map(|hs| hs.iter().flat_map(|h| h["vms"].as_array().cloned().unwrap_or_default()))
-            .into_iter()
-            .flatten()
-            .collect();
+        let vms = v.vms();
         vms.len() == 2
             && vms
                 .iter()
@@ -220,11 +218,9 @@ fn every_vmgov_command_against_a_live_coordinator() {
     assert!(v.ok(&["status"]).contains("saved"), "the status table has a saved column");
     // Verification windows measure what each choice really costs: observed ratios appear.
     eventually("observed ratios in the status", Duration::from_secs(30), || {
-        v.json(&["status"])["hosts"].as_array().is_some_and(|hs| {
-            hs.iter().flat_map(|h| h["vms"].as_array().cloned().unwrap_or_default()).all(|vm| {
-                vm["decision"]["observed"]["perf"].as_f64().is_some_and(|p| p > 0.0 && p < 1.5)
-                    && vm["decision"]["observed_windows"].as_u64().is_some_and(|n| n > 0)
-            })
+        v.vms().iter().all(|vm| {
+            vm["decision"]["observed"]["perf"].as_f64().is_some_and(|p| p > 0.0 && p < 1.5)
+                && vm["decision"]["observed_windows"].as_u64().is_some_and(|n| n > 0)
         })
     });
 

@@ -20,14 +20,10 @@ const CLASS: &str = "phenom-9500";
 const LEADER_TTL_S: u64 = 3;
 
 fn coordinator(etcd: &str, id: &str) -> (Daemon, String) {
-    let mut cmd = Command::new(binary("vmgov-coordinator"));
-    cmd.args(["--listen", "127.0.0.1:0", "--etcd", etcd, "--id", id])
-        .args(["--leader-ttl-s", &LEADER_TTL_S.to_string()])
-        .env("RUST_LOG", "info");
-    let d = Daemon::spawn(id, cmd);
-    let addr = d.wait_for_listen_address();
-    let url = format!("http://{addr}");
-    (d, url)
+    let ttl = LEADER_TTL_S.to_string();
+    let extra = ["--etcd", etcd, "--id", id, "--leader-ttl-s", &ttl];
+    let (d, addr) = vmgov_tests::process::coordinator(id, &extra);
+    (d, format!("http://{addr}"))
 }
 
 fn agent(

@@ -15,10 +15,7 @@ use vmgov_tests::process::{Daemon, binary};
 const CLASS: &str = "phenom-9500";
 
 fn coordinator() -> (Daemon, String) {
-    let mut cmd = Command::new(binary("vmgov-coordinator"));
-    cmd.args(["--listen", "127.0.0.1:0"]).env("RUST_LOG", "info");
-    let d = Daemon::spawn("coordinator", cmd);
-    let addr = d.wait_for_listen_address();
+    let (d, addr) = vmgov_tests::process::coordinator("coordinator", &[]);
     (d, format!("http://{addr}"))
 }
 

@@ -280,13 +280,13 @@ impl<S: Store> Coordinator<S> {
                 self.shared.store.put_host(host.clone()).await?;
             }
             Some(Msg::Decisions(summary)) => {
-                let previous = self
-                    .shared
-                    .decisions
-                    .lock()
-                    .await
-                    .insert(host.host_id.clone(), summary.clone());
-                for missed in threshold_misses(previous.as_ref(), &summary) {
+                let misses = {
+                    let mut decisions = self.shared.decisions.lock().await;
+                    let misses = threshold_misses(decisions.get(&host.host_id), &summary);
+                    decisions.insert(host.host_id.clone(), summary);
+                    misses
+                };
+                for missed in misses {
                     tracing::warn!(host = %host.host_id, vm = %missed.vm_id, "VM below its thresholds");
                     self.event(&host.host_id, pb::fleet_event::Event::ThresholdMissed(missed));
                 }

@@ -40,6 +40,21 @@ fn agent(endpoint: &str, cache: &std::path::Path, extra: &[&str]) -> Daemon {
     Daemon::spawn("agent", cmd)
 }
 
+/// Learning on every host of the class until each has labelled `samples`.
+fn learning(samples: u64) -> pb::StartLearningRequest {
+    pb::StartLearningRequest {
+        hardware_class: CLASS.into(),
+        host_ids: vec![],
+        plan: Some(pb::StartLearningCommand {
+            duration_seconds: 0.0,
+            sample_target: samples,
+            dwell_seconds: 0.3,
+            reference_seconds: 0.1,
+            workloads: vec![],
+        }),
+    }
+}
+
 async fn fleet(endpoint: &str) -> FleetServiceClient<Channel> {
     let channel = Channel::from_shared(endpoint.to_owned())
         .expect("a valid endpoint")
@@ -93,21 +108,7 @@ async fn an_agent_learns_gets_a_trained_model_and_decides_with_it() {
     assert_eq!(host.hardware_class, CLASS);
 
     // Before any model: the VM runs on the fallback governor and says why.
-    let started = client
-        .start_learning(pb::StartLearningRequest {
-            hardware_class: CLASS.into(),
-            host_ids: vec![],
-            plan: Some(pb::StartLearningCommand {
-                duration_seconds: 0.0,
-                sample_target: 3000,
-                dwell_seconds: 0.3,
-                reference_seconds: 0.1,
-                workloads: vec![],
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = client.start_learning(learning(3000)).await.unwrap().into_inner();
     assert!(started.hosts_unreachable.is_empty());
     let done = eventually("learning to finish", Duration::from_secs(90), || {
         let mut c = client.clone();
@@ -224,21 +225,7 @@ async fn the_training_suite_trains_an_accurate_model() {
         }
     })
     .await;
-    let started = client
-        .start_learning(pb::StartLearningRequest {
-            hardware_class: CLASS.into(),
-            host_ids: vec![],
-            plan: Some(pb::StartLearningCommand {
-                duration_seconds: 0.0,
-                sample_target: 1500,
-                dwell_seconds: 0.3,
-                reference_seconds: 0.1,
-                workloads: vec![],
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = client.start_learning(learning(1500)).await.unwrap().into_inner();
     let done = eventually("learning to finish on every host", Duration::from_secs(240), || {
         let mut c = client.clone();
         let id = started.learning_id.clone();

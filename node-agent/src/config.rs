@@ -10,11 +10,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmgov_proto::{Objective, Thresholds};
+use vmgov_sim::governor::GovernorKind;
 
 use crate::{
     agent::LocalThresholds,
     arbiter::ArbiterPolicy,
-    governor::GovernorKind,
     verify::{PlanError, VerifyPlan},
 };
 

@@ -6,14 +6,16 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmgov_agent::{
-    calibration,
     config::{AgentConfig, LearningConfig, PlatformKind},
-    governor::GovernorKind,
-    platform::sim::{HardwareClass, SimConfig, VmSpec, Workload, class, workload},
     preflight,
-    simulate::{self, Policy, Scenario},
 };
 use vmgov_proto::Thresholds;
+use vmgov_sim::{
+    HardwareClass, SimConfig, VmSpec, Workload, calibration,
+    governor::GovernorKind,
+    host::{class, workload},
+    simulate::{self, Policy, Scenario},
+};
 
 /// vmgov node agent: per-VM DVFS from predicted performance, power and throughput.
 #[derive(Parser)]

@@ -282,7 +282,7 @@ fn every_vmgov_command_against_a_live_coordinator() {
 /// the lowest P-state. Only measuring shows what that really costs.
 fn lying_model(path: &std::path::Path) {
     use vmgov_proto::{EnergyModel, Feature, LinearFit, PStateModel, model::TrainingInfo};
-    let table = vmgov_agent::platform::sim::HardwareClass::builtin("phenom-9500")
+    let table = vmgov_sim::HardwareClass::builtin("phenom-9500")
         .and_then(|c| c.pstate_table())
         .expect("the built-in class");
     let fmax = table.max_frequency_hz();

@@ -23,10 +23,11 @@ use tonic::transport::Channel;
 use vmgov_agent::{
     agent::{Agent, AgentSettings, AgentStatus, LocalThresholds, Outputs, Policy},
     link::{self, LinkConfig, LinkError, buffer::BufferConfig},
-    platform::{HostPlatform, sim::SimHost, sim::SimReport},
+    platform::HostPlatform,
 };
 use vmgov_coordinator::{service::Coordinator, store::Store};
 use vmgov_proto::{EnergyModel, Objective, Predictor, Thresholds, pb};
+use vmgov_sim::{SimHost, SimReport};
 
 use super::platform::{Handles, LabPlatform, Trace};
 

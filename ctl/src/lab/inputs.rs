@@ -28,9 +28,9 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
-use vmgov_agent::platform::sim::{
+use vmgov_sim::{
     HardwareClass, SimConfig, SimHost, VmSpec, Workload,
-    workload::{builtin_names, evaluation_names, training_names},
+    host::workload::{builtin_names, evaluation_names, training_names},
 };
 
 /// vCPUs of every VM, as in the report.

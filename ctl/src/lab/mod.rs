@@ -38,9 +38,9 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use tokio::{sync::Semaphore, task::JoinSet};
-use vmgov_agent::platform::sim::{SimConfig, SimHost};
 use vmgov_coordinator::store::{EtcdConfig, EtcdStore, MemoryStore, Store};
 use vmgov_proto::{Predictor, Thresholds};
+use vmgov_sim::{SimConfig, SimHost};
 
 use self::{
     fleet::{Fleet, LearnedHost, Trained},

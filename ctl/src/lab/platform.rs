@@ -13,10 +13,10 @@ use std::sync::{
 
 use vmgov_agent::platform::{
     CoreSample, FrequencyControl, HostInfo, HostPlatform, HostSample, PlatformError, VmIndex,
-    VmInfo,
-    sim::{SimHost, SimPlatform},
+    VmInfo, sim::SimPlatform,
 };
 use vmgov_proto::PStateTable;
+use vmgov_sim::SimHost;
 
 /// Every core's mean frequency in every slice of a run, GHz, slice-major.
 #[derive(Debug, Clone, Default)]

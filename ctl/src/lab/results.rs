@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use vmgov_agent::platform::sim::{SimReport, Workload};
+use vmgov_sim::{SimReport, Workload};
 
 use super::{
     inputs::{Inputs, Scenario},

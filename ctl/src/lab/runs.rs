@@ -6,12 +6,12 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow};
 use serde::Serialize;
-use vmgov_agent::{
+use vmgov_proto::{Objective, Thresholds};
+use vmgov_sim::{
+    HardwareClass, SimConfig, SimReport, VmSpec,
     governor::GovernorKind,
-    platform::sim::{HardwareClass, SimConfig, SimReport, VmSpec},
     simulate::{self, Scenario},
 };
-use vmgov_proto::{Objective, Thresholds};
 
 use super::platform::Trace;
 
@@ -172,7 +172,7 @@ pub(crate) fn model_check(
     config: &SimConfig,
     scale: f64,
 ) -> Result<ModelCheck> {
-    use vmgov_agent::platform::sim::SimHost;
+    use vmgov_sim::SimHost;
     let names = [workload.to_owned()];
     let quiet = SimConfig { counter_noise: 0.0, ..config.clone() };
     let mut host = SimHost::new(inputs.class.clone(), inputs.vms(&names, scale), quiet.clone())?;

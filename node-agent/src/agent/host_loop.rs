@@ -14,6 +14,7 @@ use futures::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef, rpc::CallResult};
 use tokio::{sync::watch, time::Instant};
 use vmgov_proto::features;
+use vmgov_sim::governor::Baseline;
 
 use super::{
     AgentStatus, LabelledOut, LearningSettings, Shared, VmStatus, emit::SampleLine,
@@ -22,7 +23,6 @@ use super::{
 use crate::{
     arbiter::{self, Actuation, Inputs, VmInput},
     fastpath::VmChoice,
-    governor::Baseline,
     learning::{Observation, Sweep},
     platform::{HostPlatform, HostSample, PlatformError, VmIndex, VmInfo},
     verify::{Guard, Slot, Verifier},

@@ -29,10 +29,11 @@ use tokio::{
 use vmgov_proto::{EnergyModel, ModelError, Objective, Predictor, Ratios, Thresholds};
 
 pub use self::emit::{Emitter, SampleLine};
+use vmgov_sim::governor::GovernorKind;
+
 use self::supervisor::{HostSupervisor, SupervisorArgs, SupervisorMsg};
 use crate::{
     arbiter::ArbiterPolicy,
-    governor::GovernorKind,
     learning::SweepPlan,
     platform::{HostPlatform, VmIndex, VmInfo},
     verify::VerifyPlan,

@@ -16,7 +16,7 @@ use serde::Serialize;
 use thiserror::Error;
 use vmgov_proto::PStateTable;
 
-use crate::platform::{FrequencyControl, HostSample, PlatformError, VmIndex};
+use crate::control::{FrequencyControl, HostSample, PlatformError, VmIndex};
 
 /// The baseline governors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -234,7 +234,7 @@ pub struct GovernorPlan {
 mod tests {
     use super::*;
     use crate::{
-        platform::sim::{HardwareClass, SimConfig, SimHost, VmSpec, Workload},
+        host::{HardwareClass, SimConfig, SimHost, VmSpec, Workload},
         simulate::{self, Policy, Scenario},
     };
 

@@ -4,8 +4,8 @@
 //! processes come and go.
 
 use vmgov_proto::PStateTable;
+pub use vmgov_sim::host::*;
 
-use super::SimHost;
 use crate::platform::{
     FrequencyControl, HostInfo, HostPlatform, HostSample, PlatformError, VmIndex, VmInfo,
 };

@@ -9,7 +9,7 @@ use vmgov_proto::Thresholds;
 
 use crate::{
     governor::GovernorKind,
-    platform::sim::{HardwareClass, SimConfig, SimReport, VmSpec, Workload},
+    host::{HardwareClass, SimConfig, SimReport, VmSpec, Workload},
     simulate::{self, Policy, Scenario, SimulateError},
 };
 

@@ -15,7 +15,6 @@
 
 pub mod class;
 pub mod physics;
-mod platform;
 pub mod workload;
 
 use rand::SeedableRng;
@@ -26,10 +25,9 @@ use vmgov_proto::{PStateTable, RawCounters};
 
 pub use self::{
     class::{ClassError, HardwareClass, VoltageDomain},
-    platform::SimPlatform,
     workload::{Workload, WorkloadError},
 };
-use super::{
+use crate::control::{
     CoreSample, FrequencyControl, HostSample, PlatformError, VcpuPlacement, VmIndex, VmSample,
 };
 
@@ -458,8 +456,7 @@ impl SimHost {
         }
         let phases = spec
             .workload
-            .phases
-            .iter()
+            .phase_sequence()
             .map(|p| PhaseRt::compile(p, f_max, spec.vcpus, &spec.name))
             .collect::<Result<Vec<_>, _>>()?;
         let first_core = affinity.trailing_zeros() as usize;

@@ -6,7 +6,7 @@
 //! optionally disk I/O (closed loop: a thread blocks on the device) and network serving (open
 //! loop: requests arrive at a rate whatever the frequency, and throughput falls only when the
 //! vCPUs cannot keep up). A batch phase ends after a number of instructions, a server phase after
-//! a duration. The shipped profiles are in `node-agent/workloads/`, each with its sources.
+//! a duration. The shipped profiles are in `node-agent/sim/workloads/`, each with its sources.
 
 use std::path::{Path, PathBuf};
 
@@ -107,9 +107,15 @@ pub struct Workload {
     /// What it models and where its numbers come from.
     #[serde(default)]
     pub description: String,
-    /// Phases, run in order once.
+    /// Phases, run in order.
     pub phases: Vec<Phase>,
+    /// How many times the phases run, in order (a duty cycle or a bursty server written once).
+    #[serde(default = "one")]
+    pub repeat: u32,
 }
+
+/// Most phases a workload may run, repetitions included.
+pub const MAX_REPEAT: u32 = 100_000;
 
 /// A workload file that could not be used.
 #[derive(Debug, Error)]
@@ -149,7 +155,7 @@ pub enum WorkloadError {
 
 macro_rules! builtin {
     ($($name:literal => $file:literal),* $(,)?) => {
-        &[$(($name, include_str!(concat!("../../../workloads/", $file)))),*]
+        &[$(($name, include_str!(concat!("../../workloads/", $file)))),*]
     };
 }
 
@@ -237,6 +243,17 @@ impl Workload {
         if self.phases.is_empty() {
             return Err(invalid("-", "a workload needs at least one phase".into()));
         }
+        let runs = u64::from(self.repeat) * self.phases.len() as u64;
+        if self.repeat == 0 || runs > u64::from(MAX_REPEAT) {
+            return Err(invalid(
+                "-",
+                format!(
+                    "repeat = {} with {} phases: at least 1, and at most {MAX_REPEAT} phases run in all",
+                    self.repeat,
+                    self.phases.len()
+                ),
+            ));
+        }
         for p in &self.phases {
             let check = |what: &str, v: f64, ok: bool| {
                 if v.is_finite() && ok {
@@ -303,11 +320,17 @@ impl Workload {
         Ok(())
     }
 
-    /// The same workload with every phase `factor` times as long (instructions and durations):
-    /// for quick runs whose ratios match the full ones.
+    /// The same workload `factor` times as long: for quick runs whose ratios match the full
+    /// ones. A repeated workload keeps its phases' lengths and repeats fewer times while it can
+    /// (so its phases change as fast as in the full run); the rest scales every phase.
     #[must_use]
     pub fn scaled(&self, factor: f64) -> Self {
         let mut w = self.clone();
+        let total = f64::from(self.repeat) * factor;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "clamped")]
+        let repeat = total.round().clamp(1.0, f64::from(self.repeat.max(1))) as u32;
+        w.repeat = repeat;
+        let factor = total / f64::from(repeat);
         for p in &mut w.phases {
             p.instructions = p.instructions.map(|n| n * factor);
             p.duration_s = p.duration_s.map(|d| d * factor);
@@ -318,6 +341,11 @@ impl Workload {
     /// True when some phase serves network requests (its result is a throughput).
     pub fn is_server(&self) -> bool {
         self.phases.iter().any(|p| p.network.is_some())
+    }
+
+    /// The phases in the order they run, repetitions included.
+    pub fn phase_sequence(&self) -> impl Iterator<Item = &Phase> {
+        (0..self.repeat).flat_map(|_| self.phases.iter())
     }
 
     /// Most threads any phase uses.
@@ -344,6 +372,36 @@ mod tests {
     fn training_and_evaluation_never_overlap() {
         let eval = evaluation_names();
         assert!(training_names().iter().all(|t| !eval.contains(t)));
+    }
+
+    #[test]
+    fn a_repeated_workload_runs_its_phases_in_turn_and_scales_by_repeating_less() {
+        let text = r#"
+            name = "duty"
+            repeat = 50
+            [[phases]]
+            name = "on"
+            duration_s = 2
+            cpi_core = 1.0
+            [[phases]]
+            name = "off"
+            duration_s = 3
+            cpi_core = 1.0
+        "#;
+        let w = Workload::parse(text, Path::new("duty.toml")).unwrap();
+        let names: Vec<&str> = w.phase_sequence().map(|p| p.name.as_str()).take(4).collect();
+        assert_eq!(names, ["on", "off", "on", "off"]);
+        assert_eq!(w.phase_sequence().count(), 100);
+        let quick = w.scaled(0.1);
+        assert_eq!(quick.repeat, 5);
+        assert_eq!(quick.phases[0].duration_s, Some(2.0));
+        let tiny = w.scaled(0.01);
+        assert_eq!(tiny.repeat, 1);
+        assert!((tiny.phases[1].duration_s.unwrap() - 1.5).abs() < 1e-12);
+        let e = Workload::parse(&text.replace("50", "0"), Path::new("d.toml")).unwrap_err();
+        assert!(e.to_string().contains("repeat"), "{e}");
+        let e = Workload::parse(&text.replace("50", "60000"), Path::new("d.toml")).unwrap_err();
+        assert!(e.to_string().contains("100000"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! A class says how many cores there are, which P-states they offer, whether the cores share one
 //! voltage plane, and the constants of the power model in [`super::physics`]. The shipped classes
-//! are in `node-agent/classes/` and embedded in the binary; `docs/calibration.md` gives the
+//! are in `node-agent/sim/classes/` and embedded in the binary; `docs/calibration.md` gives the
 //! source of every number.
 
 use std::path::{Path, PathBuf};
@@ -139,8 +139,8 @@ pub enum ClassError {
 
 /// The classes shipped with vmgov (file name, contents).
 const BUILTIN: &[(&str, &str)] = &[
-    ("phenom-9500", include_str!("../../../classes/phenom-9500.toml")),
-    ("epyc-7502", include_str!("../../../classes/epyc-7502.toml")),
+    ("phenom-9500", include_str!("../../classes/phenom-9500.toml")),
+    ("epyc-7502", include_str!("../../classes/epyc-7502.toml")),
 ];
 
 /// Names of the built-in classes.
@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn bad_files_say_what_is_wrong() {
-        let text = include_str!("../../../classes/phenom-9500.toml");
+        let text = include_str!("../../classes/phenom-9500.toml");
         let err =
             HardwareClass::parse(&text.replace("cores = 4", "cores = 0"), Path::new("x.toml"))
                 .unwrap_err()

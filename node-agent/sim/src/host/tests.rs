@@ -2,7 +2,7 @@
 //! calibrated from (sources in `docs/calibration.md`).
 
 use super::*;
-use crate::platform::FrequencyControl;
+use crate::control::FrequencyControl;
 
 fn host(class: &str, workloads: &[(&str, f64)]) -> SimHost {
     let vms = workloads

@@ -17,7 +17,10 @@
 
 use vmgov_proto::Thresholds;
 
-use crate::platform::{FrequencyControl, HostSample, PlatformError, sim::SimHost};
+use crate::{
+    control::{FrequencyControl, HostSample, PlatformError},
+    host::SimHost,
+};
 
 /// Slices run before measuring, so transitions settle.
 const WARMUP_STEPS: usize = 3;
@@ -206,7 +209,7 @@ mod tests {
     use vmgov_proto::Thresholds;
 
     use crate::{
-        platform::sim::{HardwareClass, SimConfig, VmSpec, Workload},
+        host::{HardwareClass, SimConfig, VmSpec, Workload},
         simulate::{self, Policy, Scenario},
     };
 
@@ -239,7 +242,7 @@ mod tests {
                 .map(|p| simulate::run(&s, &Policy::Fixed(vec![p])).unwrap().report)
                 .collect();
             let reference = &runs[4];
-            let ok = |r: &crate::platform::sim::SimReport| {
+            let ok = |r: &crate::host::SimReport| {
                 if reference.vms[0].requests_offered > 0.0 {
                     r.vms[0].throughput_ratio() >= t * reference.vms[0].throughput_ratio()
                 } else {

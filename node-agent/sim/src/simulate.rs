@@ -10,14 +10,12 @@ use thiserror::Error;
 use vmgov_proto::Thresholds;
 
 use crate::{
+    control::{FrequencyControl, PlatformError},
     governor::{
         Baseline, GovernorKind,
         oracle::{self, Oracle},
     },
-    platform::{
-        FrequencyControl, PlatformError,
-        sim::{HardwareClass, SimConfig, SimError, SimHost, SimReport, VmSpec},
-    },
+    host::{HardwareClass, SimConfig, SimError, SimHost, SimReport, VmSpec},
 };
 
 /// Who sets the frequencies.

@@ -3,9 +3,9 @@
 //! 10,000× real time: 0.36 s per simulated hour.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use vmgov_agent::{
+use vmgov_sim::{
+    HardwareClass, SimConfig, VmSpec, Workload,
     governor::GovernorKind,
-    platform::sim::{HardwareClass, SimConfig, VmSpec, Workload},
     simulate::{self, Policy, Scenario},
 };
 

@@ -5,6 +5,7 @@
 //!   classes and workload profiles as data files (`classes/`, `workloads/`).
 //! - [`governor`]: the baseline governors (Linux's and a Xen-style per-VM one) and the per-phase
 //!   oracle.
+//! - [`measure`]: work-rate performance ratios and energy at equal work, from ground truth.
 //! - [`simulate`]: a scenario run under a policy, and its ground truth.
 //! - [`calibration`]: the tables of `docs/calibration.md`.
 //!
@@ -15,9 +16,10 @@ pub mod calibration;
 pub mod control;
 pub mod governor;
 pub mod host;
+pub mod measure;
 pub mod simulate;
 
 pub use host::{
-    ClassError, HardwareClass, SimConfig, SimError, SimHost, SimReport, VmSpec, VmTruth,
-    VoltageDomain, Workload, WorkloadError,
+    ClassError, HardwareClass, PhaseTruth, SimConfig, SimError, SimHost, SimReport, VmSpec,
+    VmTruth, VoltageDomain, Workload, WorkloadError,
 };

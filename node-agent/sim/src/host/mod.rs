@@ -232,6 +232,19 @@ pub struct VmTruth {
     pub serving_s: f64,
     /// Disk requests completed.
     pub disk_requests: f64,
+    /// Per phase of the workload's definition (repetitions summed): the work each did.
+    pub phases: Vec<PhaseTruth>,
+}
+
+/// What a VM did in one phase of its workload's definition, summed over its repetitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PhaseTruth {
+    /// Useful instructions: every instruction of a batch phase, the served requests'
+    /// instructions of a serving phase. Requests served and disk requests completed are fixed
+    /// multiples of it within a phase, so it measures the phase's work in any of those units.
+    pub work: f64,
+    /// Time spent in the phase, seconds.
+    pub time_s: f64,
 }
 
 impl VmTruth {
@@ -288,6 +301,8 @@ struct VmRt {
     vcpus: usize,
     affinity: u64,
     phases: Vec<PhaseRt>,
+    /// Phases in the workload's definition (`phases` holds its repetitions in turn).
+    distinct: usize,
     phase: usize,
     phase_done: f64,
     follow: Option<usize>,
@@ -464,6 +479,7 @@ impl SimHost {
             start_s: 0.0,
             vcpus: spec.vcpus as usize,
             affinity,
+            distinct: spec.workload.phases.len(),
             phases,
             phase: 0,
             phase_done: 0.0,
@@ -472,7 +488,12 @@ impl SimHost {
             backlog_instr: 0.0,
             acc: StepAcc::default(),
             carry: [0.0; 4],
-            truth: VmTruth { name: spec.name, workload: spec.workload.name, ..VmTruth::default() },
+            truth: VmTruth {
+                name: spec.name,
+                workload: spec.workload.name,
+                phases: vec![PhaseTruth::default(); spec.workload.phases.len()],
+                ..VmTruth::default()
+            },
         })
     }
 
@@ -973,6 +994,9 @@ impl SimHost {
             vm.truth.busy_s += acc.run_s;
             vm.truth.energy_j += acc.energy_j;
             vm.truth.disk_requests += acc.instr * ph.ios_per_instr;
+            let phase = &mut vm.truth.phases[vm.phase % vm.distinct];
+            phase.work += acc.instr;
+            phase.time_s += dt * fraction;
             let ended = match ph.end {
                 PhaseEnd::Instructions(n) => vm.phase_done >= n,
                 PhaseEnd::Duration(d) => vm.phase_done >= d - 1e-9,

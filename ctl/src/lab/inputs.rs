@@ -1,7 +1,17 @@
 //! What the lab runs: the hardware class, the workloads (built-in, replaced or added by
-//! `--workloads`), the scenarios (the report's, or those of `--scenarios`) and the thresholds.
-//! Every file is read and checked before anything starts, and a bad one is named with the field
-//! at fault.
+//! `--workloads`), the scenarios and the thresholds. Every file is read and checked before
+//! anything starts, and a bad one is named with the field at fault.
+//!
+//! The default scenarios, in three groups:
+//! - **the report's**: every evaluation workload alone, and its Table 2 mixes;
+//! - **held-out**: every workload of the held-out suite alone (never trained on, unlike the
+//!   training suite by design: the headline of how the model generalises);
+//! - **full hosts**: every core of the class filled with 2-vCPU VMs, each running its workload
+//!   as two copies (SPECrate-style, so every core is busy, as a fleet's hosts run): a fixed
+//!   seeded mix of the evaluation workloads, an all-memory-bound and an all-CPU-bound fill, and
+//!   a mixed host at half its cores.
+//!
+//! `--scenarios FILE` replaces them all.
 //!
 //! `--workloads FILE`:
 //!
@@ -27,10 +37,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde::Deserialize;
+use rand::{RngExt as _, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use vmgov_sim::{
     HardwareClass, SimConfig, SimHost, VmSpec, Workload,
-    host::workload::{builtin_names, evaluation_names, training_names},
+    host::workload::{builtin_names, evaluation_names, held_out_names, training_names},
 };
 
 /// vCPUs of every VM, as in the report.
@@ -48,6 +60,44 @@ const TABLE2: [&[&str]; 5] = [
     &["httperf-200", "bonnie++", "470.lbm"],
 ];
 
+/// Seed of the full hosts' mix: fixed, so the same hosts run whatever `--seed` says.
+const FULL_HOST_SEED: u64 = 2013;
+
+/// Copies of its workload a full host's VM runs, one per vCPU.
+const FULL_HOST_COPIES: u32 = VCPUS;
+
+/// The evaluation workloads a memory-bound fill draws from (stall share 0.55-0.65 at f_max).
+const MEMORY_BOUND: [&str; 3] = ["470.lbm", "462.libquantum", "450.soplex"];
+
+/// The CPU-bound fill's workload (stall share 0.02).
+const CPU_BOUND: [&str; 1] = ["444.namd"];
+
+/// Which part of the report a scenario belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Group {
+    /// The report's experiment (or the user's own scenarios).
+    Report,
+    /// The held-out suite, each workload alone.
+    HeldOut,
+    /// Hosts with every core (or half of them) given to VMs.
+    FullHost,
+}
+
+impl Group {
+    /// Every group, in report order.
+    pub(crate) const ALL: [Self; 3] = [Self::Report, Self::HeldOut, Self::FullHost];
+
+    /// Section title.
+    pub(crate) const fn title(self) -> &'static str {
+        match self {
+            Self::Report => "The report's scenarios",
+            Self::HeldOut => "Held-out workloads (never trained on)",
+            Self::FullHost => "Full hosts",
+        }
+    }
+}
+
 /// One host's VMs, run under every governor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Scenario {
@@ -59,6 +109,8 @@ pub(crate) struct Scenario {
     pub workloads: Vec<String>,
     /// Where it was defined, for errors.
     pub origin: String,
+    /// Its part of the report.
+    pub group: Group,
 }
 
 impl Scenario {
@@ -206,7 +258,13 @@ pub(crate) fn load(
 
     let mut thresholds = DEFAULT_THRESHOLDS.to_vec();
     let scenarios = match scenarios_file {
-        None => default_scenarios(&extras),
+        None => {
+            let (scenarios, derived) = default_scenarios(&extras, &catalogue, class.cores);
+            for w in derived {
+                catalogue.insert(w.name.clone(), (w, "built-in, as copies".to_owned()));
+            }
+            scenarios
+        }
         Some(file) => {
             let text = read(file, "scenarios")?;
             let parsed: ScenariosFile = toml::from_str(&text).map_err(|e| {
@@ -276,7 +334,7 @@ pub(crate) fn load(
                 }
                 let origin =
                     format!("scenarios file {}: scenario[{i}] ({title:?})", file.display());
-                out.push(Scenario { id, title, workloads: names, origin });
+                out.push(Scenario { id, title, workloads: names, origin, group: Group::Report });
             }
             out
         }
@@ -360,17 +418,36 @@ impl Inputs {
     }
 }
 
-fn default_scenarios(extras: &[String]) -> Vec<Scenario> {
+fn alone(w: String, group: Group) -> Scenario {
+    Scenario {
+        id: file_safe(&w),
+        title: format!("{w} alone"),
+        origin: format!("the single-VM scenario of {w}"),
+        workloads: vec![w],
+        group,
+    }
+}
+
+/// The default scenarios for a class of `cores` cores, and the workloads they derive from the
+/// catalogue's (the full hosts' copies).
+fn default_scenarios(
+    extras: &[String],
+    catalogue: &BTreeMap<String, (Workload, String)>,
+    cores: usize,
+) -> (Vec<Scenario>, Vec<Workload>) {
+    let held_out = held_out_names();
     let mut out: Vec<Scenario> = evaluation_names()
         .into_iter()
         .map(str::to_owned)
-        .chain(extras.iter().filter(|e| !evaluation_names().contains(&e.as_str())).cloned())
-        .map(|w| Scenario {
-            id: file_safe(&w),
-            title: format!("{w} alone"),
-            origin: format!("the single-VM scenario of {w}"),
-            workloads: vec![w],
-        })
+        .chain(
+            extras
+                .iter()
+                .filter(|e| {
+                    !evaluation_names().contains(&e.as_str()) && !held_out.contains(&e.as_str())
+                })
+                .cloned(),
+        )
+        .map(|w| alone(w, Group::Report))
         .collect();
     for (i, set) in TABLE2.iter().enumerate() {
         let workloads: Vec<String> = set.iter().map(|s| (*s).to_owned()).collect();
@@ -379,9 +456,58 @@ fn default_scenarios(extras: &[String]) -> Vec<Scenario> {
             title: format!("Table 2 #{}: {}", i + 1, workloads.join(" + ")),
             origin: format!("the report's Table 2 scenario {}", i + 1),
             workloads,
+            group: Group::Report,
         });
     }
-    out
+    out.extend(held_out.iter().map(|w| alone((*w).to_owned(), Group::HeldOut)));
+    let (full, derived) = full_hosts(catalogue, cores);
+    out.extend(full);
+    (out, derived)
+}
+
+/// The full hosts of a class of `cores` cores: one 2-vCPU VM per two cores, each running two
+/// copies of its workload; and the copies, as workloads.
+fn full_hosts(
+    catalogue: &BTreeMap<String, (Workload, String)>,
+    cores: usize,
+) -> (Vec<Scenario>, Vec<Workload>) {
+    let vms = (cores / VCPUS as usize).max(1);
+    let half = (vms / 2).max(1);
+    let evaluation = evaluation_names();
+    let mut rng = ChaCha8Rng::seed_from_u64(FULL_HOST_SEED);
+    let mut draw = |n: usize| -> Vec<&str> {
+        (0..n).map(|_| evaluation[rng.random_range(0..evaluation.len())]).collect()
+    };
+    let fill = |from: &[&'static str]| -> Vec<&'static str> {
+        (0..vms).map(|i| from[i % from.len()]).collect()
+    };
+    let hosts: [(&str, String, Vec<&str>); 4] = [
+        ("full-mix", format!("full host: {vms} VMs, seeded mix"), draw(vms)),
+        ("full-memory", format!("full host: {vms} VMs, memory-bound"), fill(&MEMORY_BOUND)),
+        ("full-cpu", format!("full host: {vms} VMs, CPU-bound"), fill(&CPU_BOUND)),
+        ("half-mix", format!("half host: {half} VMs, seeded mix"), draw(half)),
+    ];
+    let mut derived: Vec<Workload> = Vec::new();
+    let mut scenarios = Vec::new();
+    for (id, title, names) in hosts {
+        let mut workloads = Vec::new();
+        for name in names {
+            let Some((w, _)) = catalogue.get(name) else { continue };
+            let copy = w.copies(FULL_HOST_COPIES);
+            workloads.push(copy.name.clone());
+            if !derived.iter().any(|d| d.name == copy.name) {
+                derived.push(copy);
+            }
+        }
+        scenarios.push(Scenario {
+            id: id.to_owned(),
+            title,
+            origin: format!("the {id} scenario ({cores} cores)"),
+            workloads,
+            group: Group::FullHost,
+        });
+    }
+    (scenarios, derived)
 }
 
 #[cfg(test)]

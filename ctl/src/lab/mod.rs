@@ -21,6 +21,7 @@ mod fleet;
 mod inputs;
 mod platform;
 mod report;
+mod report_table;
 mod results;
 mod runs;
 mod svg;
@@ -47,7 +48,7 @@ use self::{
     inputs::{Inputs, Scenario},
     report::{ModelInfo, Report, Settings},
     results::{Reference, ScenarioResult},
-    runs::{Governor, RunData},
+    runs::{Governor, RunData, SimPolicy},
 };
 
 /// Timeslice of every host, seconds (the report's VM timeslice).
@@ -173,6 +174,8 @@ impl Progress {
 enum Key {
     /// A workload alone under `performance`.
     Reference(String),
+    /// A scenario with every core at f_max: the research report's baseline, for its table.
+    ReportBaseline(usize),
     /// A scenario under a governor (at a threshold, for those that depend on one).
     Run { scenario: usize, governor: Governor, threshold: Option<usize> },
 }
@@ -284,6 +287,15 @@ async fn run_with<S: Store>(
         out.display(),
         started.elapsed().as_secs_f64()
     );
+    let beaten = report::beaten_bounds(&report);
+    if !beaten.is_empty() {
+        bail!(
+            "the yardstick is wrong: {} run(s) met their thresholds on less energy than the whole-run bound allows (by more than {:.1}%): {}",
+            beaten.len(),
+            100.0 * results::BOUND_NOISE,
+            beaten.join("; ")
+        );
+    }
     Ok(())
 }
 
@@ -317,8 +329,7 @@ async fn learn_and_train<S: Store>(
                 &inputs2.class,
                 inputs2.vms(std::slice::from_ref(&name2), probe),
                 config,
-                Governor::Performance,
-                None,
+                SimPolicy::Governor(Governor::Performance, None),
                 36_000.0,
             )
         })
@@ -367,6 +378,10 @@ async fn learn_and_train<S: Store>(
 fn name(inputs: &Inputs, key: &Key) -> String {
     match key {
         Key::Reference(w) => format!("{w} alone under performance (reference)"),
+        Key::ReportBaseline(s) => format!(
+            "{} with every core at f_max (the report's baseline)",
+            inputs.scenarios.get(*s).map_or("?", |s| s.title.as_str())
+        ),
         Key::Run { scenario, governor, threshold } => {
             let title = inputs.scenarios.get(*scenario).map_or("?", |s| s.title.as_str());
             let at = threshold
@@ -410,7 +425,9 @@ async fn experiment<S: Store>(
             })
             .sum::<usize>()
     };
-    let total = evaluated.len() + scenarios.iter().map(per_scenario).sum::<usize>();
+    let total = evaluated.len()
+        + scenarios.iter().map(per_scenario).sum::<usize>()
+        + report_table::scenarios(inputs).len();
     let progress = Arc::new(Progress { started, done: AtomicUsize::new(0), total });
     progress.say(&format!(
         "vmgov lab: {} scenarios × {} thresholds × {} governors on {} ({} runs, {} at once); workloads at {} of full length, seed {}",
@@ -482,8 +499,7 @@ async fn experiment_with<S: Store>(
     let spawn_sim = |set: &mut JoinSet<(Key, Result<RunData>)>,
                      key: Key,
                      workloads: Vec<String>,
-                     governor: Governor,
-                     threshold: Option<f64>,
+                     policy: SimPolicy,
                      max_time_s: f64| {
         let (inputs, permits, config, scale) =
             (Arc::clone(inputs), Arc::clone(&permits), knobs.sim(), knobs.scale);
@@ -496,8 +512,7 @@ async fn experiment_with<S: Store>(
                     &inputs.class,
                     inputs.vms(&workloads, scale),
                     config,
-                    governor,
-                    threshold,
+                    policy,
                     max_time_s,
                 )
             })
@@ -512,8 +527,7 @@ async fn experiment_with<S: Store>(
             &mut set,
             Key::Reference(w.clone()),
             vec![w.clone()],
-            Governor::Performance,
-            None,
+            SimPolicy::Governor(Governor::Performance, None),
             36_000.0 * knobs.scale.max(0.01) + 60.0,
         );
     }
@@ -547,6 +561,13 @@ async fn experiment_with<S: Store>(
         learning.abort();
         bail!("some reference runs failed: {}", failures.join("; "));
     }
+    // The whole-run bound of every scenario at every threshold (milliseconds each; off the
+    // schedule's critical path).
+    let bounds_task = {
+        let (inputs, references, config, scale) =
+            (Arc::clone(inputs), references.clone(), knobs.sim(), knobs.scale);
+        tokio::task::spawn_blocking(move || runs::bounds(&inputs, &references, &config, scale))
+    };
     // A run may take this long before it counts as stuck: ten times its VMs' runtimes alone.
     let bounds: Vec<f64> = scenarios
         .iter()
@@ -570,13 +591,20 @@ async fn experiment_with<S: Store>(
             if g.per_threshold() {
                 for (t, &thr) in thresholds.iter().enumerate() {
                     let key = Key::Run { scenario: i, governor: g, threshold: Some(t) };
-                    spawn_sim(&mut set, key, s.workloads.clone(), g, Some(thr), bounds[i]);
+                    let policy = SimPolicy::Governor(g, Some(thr));
+                    spawn_sim(&mut set, key, s.workloads.clone(), policy, bounds[i]);
                 }
             } else {
                 let key = Key::Run { scenario: i, governor: g, threshold: None };
-                spawn_sim(&mut set, key, s.workloads.clone(), g, None, bounds[i]);
+                let policy = SimPolicy::Governor(g, None);
+                spawn_sim(&mut set, key, s.workloads.clone(), policy, bounds[i]);
             }
         }
+    }
+    for i in report_table::scenarios(inputs) {
+        let workloads = scenarios[i].workloads.clone();
+        let key = Key::ReportBaseline(i);
+        spawn_sim(&mut set, key, workloads, SimPolicy::ReportBaseline, bounds[i]);
     }
 
     // 4. vmgov's agents, once the model is trained.
@@ -657,6 +685,7 @@ async fn experiment_with<S: Store>(
     if !failures.is_empty() {
         bail!("{} runs failed: {}", failures.len(), failures.join("; "));
     }
+    let whole_run_bounds = bounds_task.await.context("computing the whole-run bounds")?;
     let mut model_check: Vec<runs::ModelCheck> = Vec::new();
     for joined in checks.join_all().await {
         model_check.push(joined.context("checking the model against the simulator")?);
@@ -690,7 +719,8 @@ async fn experiment_with<S: Store>(
                     .with_context(|| format!("writing {}", out.join(&name).display()))?;
                 plots.push(name);
             }
-            per_threshold.push(results::evaluate(inputs, s, thr, &references, &runs));
+            let bound = whole_run_bounds.get(&(i, t));
+            per_threshold.push(results::evaluate(inputs, s, thr, &references, &runs, bound));
         }
         let mut bars = Vec::new();
         for (k, g) in Governor::ALL.iter().enumerate() {
@@ -722,6 +752,7 @@ async fn experiment_with<S: Store>(
             id: s.id.clone(),
             title: s.title.clone(),
             single: s.single(),
+            group: s.group,
             workloads: s.workloads.clone(),
             results: per_threshold,
             plots,
@@ -734,6 +765,7 @@ async fn experiment_with<S: Store>(
     )
     .with_context(|| format!("writing {}", model_path.display()))?;
     let summary = report::summary(&scenario_results);
+    let report_table = report_table::rows(inputs, &results);
     Ok(Report {
         tool: format!("vmgov lab {}", env!("CARGO_PKG_VERSION")),
         settings: Settings {
@@ -761,6 +793,7 @@ async fn experiment_with<S: Store>(
         references: evaluated.iter().filter_map(|w| references.get(w).cloned()).collect(),
         scenarios: scenario_results,
         summary,
+        report_table,
         plots: all_plots,
         wall_s: started.elapsed().as_secs_f64(),
     })

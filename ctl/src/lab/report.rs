@@ -11,7 +11,9 @@ use vmgov_proto::EnergyModel;
 
 use super::{
     fleet::LearnedHost,
-    results::{GovernorResult, Reference, ScenarioResult, TOLERANCE},
+    inputs::Group,
+    report_table::ReportRow,
+    results::{GovernorResult, Reference, ScenarioResult, TOLERANCE, ThresholdResult},
     runs::{Governor, ModelCheck},
 };
 
@@ -72,6 +74,8 @@ pub(crate) struct ModelInfo {
 /// One line of the summary.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct SummaryRow {
+    /// The scenario's part of the report.
+    pub group: Group,
     /// Scenario id.
     pub scenario: String,
     /// Its title.
@@ -92,6 +96,12 @@ pub(crate) struct SummaryRow {
     pub oracle_core_saving: Option<f64>,
     /// vmgov's share of the oracle's saving.
     pub vmgov_share: Option<f64>,
+    /// The whole-run bound's saving: the most any policy could save.
+    pub bound_saving: Option<f64>,
+    /// Exact (one VM) or a lower bound (several).
+    pub bound_kind: Option<vmgov_sim::bound::BoundKind>,
+    /// vmgov's share of the bound's saving.
+    pub vmgov_bound_share: Option<f64>,
     /// Every VM met its thresholds under vmgov.
     pub vmgov_met: bool,
     /// Under equation 9.
@@ -121,6 +131,8 @@ pub(crate) struct Report {
     pub scenarios: Vec<ScenarioResult>,
     /// The summary.
     pub summary: Vec<SummaryRow>,
+    /// The research report's table under its own metric (its class only).
+    pub report_table: Vec<ReportRow>,
     /// Plot files, relative to the report.
     pub plots: Vec<String>,
     /// Wall time, seconds.
@@ -201,11 +213,37 @@ fn row(g: &GovernorResult, single: bool) -> Vec<String> {
         vm_ratios(g, single),
         met(g),
         opt_pct(g.oracle_share),
+        if g.beats_bound { "BEATS THE BOUND".to_owned() } else { opt_pct(g.bound_share) },
         format!("{:.1}{}", g.time_s, if g.completed { "" } else { " (limit)" }),
     ]
 }
 
-const HEADER: [&str; 8] = [
+/// The bound's line in a scenario's table.
+fn bound_row(t: &ThresholdResult) -> Vec<String> {
+    let (label, energy, saving) = match (&t.bound, &t.bound_error) {
+        (Some(b), _) => (
+            match b.kind {
+                vmgov_sim::bound::BoundKind::Exact => "whole-run bound (exact)",
+                vmgov_sim::bound::BoundKind::LowerBound => "whole-run bound (lower)",
+            },
+            ratio(b.energy_ratio),
+            pct(b.saving),
+        ),
+        (None, e) => ("whole-run bound", "-".into(), e.clone().unwrap_or_default()),
+    };
+    let mut row = vec![label.to_owned(), energy, "-".into(), saving];
+    row.resize(HEADER.len(), "-".into());
+    row
+}
+
+/// A scenario's rows at one threshold: every governor, then the bound.
+fn rows(t: &ThresholdResult, single: bool) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = t.governors.iter().map(|g| row(g, single)).collect();
+    out.push(bound_row(t));
+    out
+}
+
+const HEADER: [&str; 9] = [
     "governor",
     "energy (pkg)",
     "energy (cores)",
@@ -213,6 +251,7 @@ const HEADER: [&str; 8] = [
     "perf/thrp vs alone",
     "thresholds",
     "of oracle's saving",
+    "of bound's saving",
     "sim s",
 ];
 
@@ -223,6 +262,7 @@ pub(crate) fn summary(scenarios: &[ScenarioResult]) -> Vec<SummaryRow> {
         for t in &s.results {
             let get = |g| t.get(g);
             out.push(SummaryRow {
+                group: s.group,
                 scenario: s.id.clone(),
                 title: s.title.clone(),
                 threshold: t.threshold,
@@ -233,6 +273,9 @@ pub(crate) fn summary(scenarios: &[ScenarioResult]) -> Vec<SummaryRow> {
                 oracle_saving: get(Governor::Oracle).map(|r| r.saving),
                 oracle_core_saving: get(Governor::Oracle).map(|r| 1.0 - r.core_energy_ratio),
                 vmgov_share: get(Governor::Vmgov).and_then(|r| r.oracle_share),
+                bound_saving: t.bound.as_ref().map(|b| b.saving),
+                bound_kind: t.bound.as_ref().map(|b| b.kind),
+                vmgov_bound_share: get(Governor::Vmgov).and_then(|r| r.bound_share),
                 vmgov_met: get(Governor::Vmgov).is_some_and(|r| r.thresholds_met),
                 equation9_met: get(Governor::Equation9).is_some_and(|r| r.thresholds_met),
                 oracle_met: get(Governor::Oracle).is_some_and(|r| r.thresholds_met),
@@ -243,18 +286,27 @@ pub(crate) fn summary(scenarios: &[ScenarioResult]) -> Vec<SummaryRow> {
     out
 }
 
-const SUMMARY_HEADER: [&str; 10] = [
+const SUMMARY_HEADER: [&str; 11] = [
     "scenario",
     "threshold",
     "vmgov saved (cores)",
     "vmgov's estimate",
     "eq. 9 saved",
     "oracle saved (cores)",
-    "vmgov / oracle",
+    "bound saved",
+    "vmgov / bound",
     "vmgov: all VMs met",
     "eq. 9 met",
     "performance met",
 ];
+
+fn bound_cell(saving: Option<f64>, kind: Option<vmgov_sim::bound::BoundKind>) -> String {
+    match (saving, kind) {
+        (Some(s), Some(vmgov_sim::bound::BoundKind::LowerBound)) => format!("≤ {}", pct(s)),
+        (Some(s), _) => pct(s),
+        _ => "-".into(),
+    }
+}
 
 fn summary_cells(r: &SummaryRow) -> Vec<String> {
     let yes = |b: bool| if b { "yes" } else { "NO" }.to_owned();
@@ -265,7 +317,8 @@ fn summary_cells(r: &SummaryRow) -> Vec<String> {
         opt_pct(r.vmgov_estimate),
         opt_pct(r.equation9_saving),
         format!("{} ({})", opt_pct(r.oracle_saving), opt_pct(r.oracle_core_saving)),
-        opt_pct(r.vmgov_share),
+        bound_cell(r.bound_saving, r.bound_kind),
+        opt_pct(r.vmgov_bound_share),
         yes(r.vmgov_met),
         yes(r.equation9_met),
         yes(r.performance_met),
@@ -288,6 +341,28 @@ fn md_table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> Str
     let _ = writeln!(out, "|{}", " --- |".repeat(header.len()));
     for r in rows {
         let _ = writeln!(out, "| {} |", r.iter().map(|c| cell(c)).collect::<Vec<_>>().join(" | "));
+    }
+    out
+}
+
+/// Every run that met its thresholds below the whole-run bound, named: each is a bug in the
+/// yardstick (the bound or the simulator), never a result.
+pub(crate) fn beaten_bounds(report: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &report.scenarios {
+        for t in &s.results {
+            let Some(b) = &t.bound else { continue };
+            for g in t.governors.iter().filter(|g| g.beats_bound) {
+                out.push(format!(
+                    "{} at {:.0}%: {} {:.4} against the bound's {:.4}",
+                    s.title,
+                    100.0 * t.threshold,
+                    g.label,
+                    g.energy_ratio,
+                    b.energy_ratio
+                ));
+            }
+        }
     }
     out
 }
@@ -329,19 +404,165 @@ pub(crate) fn terminal(report: &Report) -> String {
     for s in &report.scenarios {
         for t in &s.results {
             let _ = writeln!(out, "\n{} · threshold {:.0}%", s.title, 100.0 * t.threshold);
-            let _ =
-                writeln!(out, "{}", table(&HEADER, t.governors.iter().map(|g| row(g, s.single))));
+            let _ = writeln!(out, "{}", table(&HEADER, rows(t, s.single)));
         }
     }
-    let _ = writeln!(
-        out,
-        "\nSummary: package energy saved against performance (cores only in brackets)"
-    );
-    let _ = writeln!(out, "{}", table(&SUMMARY_HEADER, report.summary.iter().map(summary_cells)));
+    for (group, rows) in summary_sections(report) {
+        let _ = writeln!(
+            out,
+            "\nSummary, {}: package energy saved against performance at equal work (cores only in brackets)",
+            group.title().to_lowercase()
+        );
+        let _ = writeln!(out, "{}", table(&SUMMARY_HEADER, rows.into_iter().map(summary_cells)));
+    }
+    if let Some(line) = estimate_error_line(&report.summary) {
+        let _ = writeln!(out, "{line}");
+    }
+    let held_out = held_out_errors(report);
+    if !held_out.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nHeld-out workloads: the model's error on the performance (throughput) ratio, over every P-state"
+        );
+        let _ =
+            writeln!(out, "{}", table(&MODEL_ERROR_HEADER, held_out.iter().map(model_error_cells)));
+    }
+    if !report.report_table.is_empty() {
+        let _ = writeln!(out, "\n{REPORT_TABLE_TITLE}");
+        let _ = writeln!(
+            out,
+            "{}",
+            table(&REPORT_TABLE_HEADER, report.report_table.iter().map(report_table_cells))
+        );
+    }
     for v in verdicts(report) {
         let _ = writeln!(out, "{v}");
     }
     out
+}
+
+/// The summary's rows, by group, in report order (empty groups left out).
+fn summary_sections(report: &Report) -> Vec<(Group, Vec<&SummaryRow>)> {
+    Group::ALL
+        .into_iter()
+        .map(|g| (g, report.summary.iter().filter(|r| r.group == g).collect::<Vec<_>>()))
+        .filter(|(_, rows)| !rows.is_empty())
+        .collect()
+}
+
+/// Mean and worst absolute difference between vmgov's estimate of its saving and the truth,
+/// over the summary rows that have both, and how many.
+pub(crate) fn estimate_error(rows: &[SummaryRow]) -> Option<(f64, f64, usize)> {
+    let errors: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r.vmgov_estimate.zip(r.vmgov_saving).map(|(e, s)| (e - s).abs()))
+        .filter(|e| e.is_finite())
+        .collect();
+    #[allow(clippy::cast_precision_loss, reason = "a few hundred rows")]
+    let mean = errors.iter().sum::<f64>() / errors.len() as f64;
+    (!errors.is_empty()).then(|| (mean, errors.iter().copied().fold(0.0, f64::max), errors.len()))
+}
+
+fn estimate_error_line(rows: &[SummaryRow]) -> Option<String> {
+    estimate_error(rows).map(|(mean, worst, n)| {
+        format!(
+            "vmgov's estimate of its saving against the truth, over {n} cases: mean absolute difference {:.1} points, worst {:.1}",
+            100.0 * mean,
+            100.0 * worst
+        )
+    })
+}
+
+/// A workload's prediction error: mean and worst absolute error of the predicted performance
+/// ratio (throughput for servers) over the P-states, against the simulator.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ModelError {
+    /// The workload.
+    pub workload: String,
+    /// Mean absolute error over the P-states.
+    pub mean: f64,
+    /// Worst absolute error.
+    pub worst: f64,
+    /// At which P-state (GHz) the worst one is.
+    pub worst_at_ghz: f64,
+}
+
+/// The prediction errors of one model check.
+pub(crate) fn model_error(c: &ModelCheck, pstates_ghz: &[f64]) -> ModelError {
+    let predicted = if c.server { &c.predicted_throughput } else { &c.predicted_perf };
+    let errors: Vec<f64> =
+        predicted.iter().zip(&c.actual_perf).map(|(p, a)| (p - a).abs()).collect();
+    let (mut worst, mut at) = (0.0, 0);
+    for (i, e) in errors.iter().enumerate() {
+        if *e > worst {
+            (worst, at) = (*e, i);
+        }
+    }
+    #[allow(clippy::cast_precision_loss, reason = "a handful of P-states")]
+    let mean = errors.iter().sum::<f64>() / errors.len().max(1) as f64;
+    ModelError {
+        workload: c.workload.clone(),
+        mean,
+        worst,
+        worst_at_ghz: pstates_ghz.get(at).copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// The held-out workloads' prediction errors, then one row over all of them.
+fn held_out_errors(report: &Report) -> Vec<ModelError> {
+    let held_out: Vec<&str> = report
+        .scenarios
+        .iter()
+        .filter(|s| s.group == Group::HeldOut)
+        .flat_map(|s| s.workloads.iter().map(String::as_str))
+        .collect();
+    let mut rows: Vec<ModelError> = report
+        .model_check
+        .iter()
+        .filter(|c| held_out.contains(&c.workload.as_str()))
+        .map(|c| model_error(c, &report.settings.pstates_ghz))
+        .collect();
+    if !rows.is_empty() {
+        #[allow(clippy::cast_precision_loss, reason = "a handful of workloads")]
+        let mean = rows.iter().map(|r| r.mean).sum::<f64>() / rows.len() as f64;
+        let worst = rows.iter().max_by(|a, b| a.worst.total_cmp(&b.worst)).cloned();
+        if let Some(w) = worst {
+            rows.push(ModelError {
+                workload: format!("all held-out (worst: {})", w.workload),
+                mean,
+                worst: w.worst,
+                worst_at_ghz: w.worst_at_ghz,
+            });
+        }
+    }
+    rows
+}
+
+const MODEL_ERROR_HEADER: [&str; 4] =
+    ["workload", "mean absolute error", "worst absolute error", "worst at"];
+
+fn model_error_cells(e: &ModelError) -> Vec<String> {
+    vec![
+        e.workload.clone(),
+        format!("{:.3}", e.mean),
+        format!("{:.3}", e.worst),
+        format!("{:.1} GHz", e.worst_at_ghz),
+    ]
+}
+
+const REPORT_TABLE_TITLE: &str = "The report's table, under its own metric: equation 9 at 40%, processor (core) energy saved against every core at f_max";
+
+const REPORT_TABLE_HEADER: [&str; 5] =
+    ["scenario", "the report", "the lab (cores)", "difference", "the lab (package)"];
+
+fn report_table_cells(r: &ReportRow) -> Vec<String> {
+    vec![
+        r.title.clone(),
+        pct(r.report),
+        pct(r.cores),
+        format!("{:+.1} pp", 100.0 * (r.cores - r.report)),
+        pct(r.package),
+    ]
 }
 
 /// `report.md`.
@@ -413,25 +634,66 @@ pub(crate) fn markdown(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "Reading the tables: energy is the whole run's against `performance` on the same host \
-         (package, and cores only: the uncore, which no core P-state lowers, is a large share of \
-         the package here). A VM's ratio is its runtime alone under `performance` over its \
-         runtime (batch), or its throughput over its throughput alone (servers, \"thrp\"); it \
-         meets threshold t when the ratio is at least t (compared with {TOLERANCE} of slack). \
-         \"of oracle's saving\" is the package saving over the oracle's, shown when the oracle \
-         saved at least 2%.\n",
+        "Reading the tables (`docs/yardstick.md` has the definitions): a VM's performance \
+         ratio is its work rate against itself alone on the host under `performance`, over the \
+         whole run: reference seconds of work (the time it alone at f_max takes to do the same \
+         work, phase by phase: instructions, requests served, disk requests) per second. For a \
+         workload that ends after its instructions that is its runtime ratio; for a phase that \
+         ends after a time, its work rate. A server's throughput ratio (\"thrp\") is what it \
+         served against its reference. A VM meets threshold t when both are at least t \
+         (compared with {TOLERANCE} of slack). Energy is the whole run's **at equal work**: \
+         joules per reference second of work, against `performance` on the same host (package, \
+         and cores only: the uncore, which no core P-state lowers, is a large share of the \
+         package), so a run that did less work saves nothing by it. \"of oracle's saving\" is \
+         the saving over the oracle's, shown when the oracle saved at least 2%.\n",
     );
     let _ = writeln!(out, "## Summary\n");
     let _ = writeln!(
         out,
-        "Package energy saved against `performance` (cores only in brackets). \"vmgov's \
-         estimate\" is what vmgov's agent itself counted, as `vmgov status` reports it: the \
-         energy charged to the VMs (their core-time share of the package meter) against what \
-         f_max would have taken, from measured ratios once its verification windows have them.\n\n{}",
-        md_table(&SUMMARY_HEADER, report.summary.iter().map(summary_cells))
+        "Package energy saved against `performance` at equal work (cores only in brackets). \
+         \"vmgov's estimate\" is what vmgov's agent itself counted, as `vmgov status` reports \
+         it: the energy charged to the VMs (their core-time share of the package meter) against \
+         what f_max would have taken, from measured ratios once its verification windows have \
+         them.\n"
     );
+    for (group, rows) in summary_sections(report) {
+        let _ = writeln!(
+            out,
+            "### {}\n\n{}",
+            group.title(),
+            md_table(&SUMMARY_HEADER, rows.into_iter().map(summary_cells))
+        );
+    }
+    if let Some(line) = estimate_error_line(&report.summary) {
+        let _ = writeln!(out, "{line}.\n");
+    }
     for v in verdicts(report) {
         let _ = writeln!(out, "- {v}");
+    }
+    let held_out = held_out_errors(report);
+    if !held_out.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n## Held-out workloads: the model on workloads it never saw\n\nThe held-out suite \
+             (`node-agent/sim/workloads/held-out/`, each file citing its sources) is never \
+             trained on and unlike the training suite by design. The model's error on each \
+             workload's performance ratio (throughput for servers), predicted from the \
+             counters of its whole run at f_max, against the simulator with the workload held at \
+             each P-state (the full table is under \"The model against the simulator\"); \
+             vmgov's saving on them is in the summary above.\n\n{}",
+            md_table(&MODEL_ERROR_HEADER, held_out.iter().map(model_error_cells))
+        );
+    }
+    if !report.report_table.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n## The report's table\n\n{REPORT_TABLE_TITLE}: the lab's equation-9 run against \
+             the same scenario with every core, idle ones included, held at f_max, as the \
+             report's figures are. Raw energy, as the report measured it (not at equal work). \
+             `docs/calibration.md` (\"The report's table\") says why these are the report's \
+             terms and explains what remains.\n\n{}",
+            md_table(&REPORT_TABLE_HEADER, report.report_table.iter().map(report_table_cells))
+        );
     }
     let _ = writeln!(
         out,
@@ -444,11 +706,7 @@ pub(crate) fn markdown(report: &Report) -> String {
     for s in &report.scenarios {
         for t in &s.results {
             let _ = writeln!(out, "### {} · threshold {:.0}%\n", s.title, 100.0 * t.threshold);
-            let _ = writeln!(
-                out,
-                "{}",
-                md_table(&HEADER, t.governors.iter().map(|g| row(g, s.single)))
-            );
+            let _ = writeln!(out, "{}", md_table(&HEADER, rows(t, s.single)));
         }
         let plots = &s.plots;
         if !plots.is_empty() {
@@ -462,8 +720,10 @@ pub(crate) fn markdown(report: &Report) -> String {
     let _ = writeln!(out, "## The model against the simulator\n");
     let _ = writeln!(
         out,
-        "What model v{} predicts for each workload from the counters of its first phase (at \
-         f_max, noise-free), against the workload run whole with its VM held at each P-state. \
+        "What model v{} predicts for each workload from the counters of its whole run at f_max \
+         (noise-free; performance as the harmonic mean of every slice's prediction, the others \
+         as means), against the workload run whole with its VM held at each P-state (its \
+         performance ratio, and its energy at equal work). \
          vmgov can only be as good as these predictions: a P-state whose predicted performance \
          is below the threshold is never chosen, and the `energy` objective compares predicted \
          power / performance. Predicted performance and throughput are held to [f / f_max, 1], \
@@ -473,18 +733,8 @@ pub(crate) fn markdown(report: &Report) -> String {
     let mut header = vec!["workload".to_owned()];
     header.extend(st.pstates_ghz.iter().map(|f| format!("{f:.1} GHz")));
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
-    let servers: Vec<&str> = report
-        .references
-        .iter()
-        .filter(|r| r.throughput.is_some())
-        .map(|r| r.workload.as_str())
-        .collect();
     let perf_rows = report.model_check.iter().map(|c| {
-        let predicted = if servers.contains(&c.workload.as_str()) {
-            &c.predicted_throughput
-        } else {
-            &c.predicted_perf
-        };
+        let predicted = if c.server { &c.predicted_throughput } else { &c.predicted_perf };
         let mut row = vec![c.workload.clone()];
         for (i, actual) in c.actual_perf.iter().enumerate() {
             let p = predicted.get(i).copied().unwrap_or(f64::NAN);

@@ -1,16 +1,23 @@
-//! From the simulator's ground truth to the report's measures, as the report defines them:
-//! energy against the performance governor on the same host, and every VM against its
-//! reference, the same workload alone on the host under `performance`. A batch VM meets its
-//! threshold when its runtime is at most the reference runtime divided by the threshold; a
-//! server when its throughput is at least the reference throughput times the threshold.
+//! From the simulator's ground truth to the lab's measures (`vmgov_sim::measure` defines them):
+//! every VM against its reference, the same workload alone on the host under `performance`,
+//! by its work rate (reference seconds of work per second: the runtime ratio for a workload
+//! that ends after its instructions, the work rate for a phase that ends after a time); a
+//! server's throughput against its reference's; and energy against the performance governor on
+//! the same host at equal work, so a run that did less work saves nothing by it. A VM meets
+//! threshold t when its performance ratio (and, for a server, its throughput ratio) is at least
+//! t over the whole run, as the report defines a threshold.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use vmgov_sim::{SimReport, Workload};
+use vmgov_sim::{
+    SimReport, Workload,
+    bound::{BoundKind, VmSchedule},
+    measure::{RunWork, WorkReference},
+};
 
 use super::{
-    inputs::{Inputs, Scenario},
+    inputs::{Group, Inputs, Scenario},
     runs::{Governor, RunData},
 };
 
@@ -18,8 +25,13 @@ use super::{
 /// that rounds to the threshold at three decimals meets it.
 pub(crate) const TOLERANCE: f64 = 5e-4;
 
-/// Below this package saving (2%) the oracle saved too little to divide by.
+/// Below this package saving (2%) the oracle (or the bound) saved too little to divide by.
 const NOTHING_TO_SAVE: f64 = 0.02;
+
+/// How far below the whole-run bound a governor meeting its thresholds may come before the
+/// yardstick is called wrong: the bound's own approximations (a slice at every switch and phase
+/// end, transition stalls inside its probes) are well below this.
+pub(crate) const BOUND_NOISE: f64 = 0.005;
 
 /// A workload alone on the host under `performance`.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +44,8 @@ pub(crate) struct Reference {
     pub throughput: Option<f64>,
     /// Package energy, joules.
     pub package_energy_j: f64,
+    /// Its work rate in every phase: what its work is measured against.
+    pub work: Option<WorkReference>,
 }
 
 impl Reference {
@@ -43,6 +57,7 @@ impl Reference {
             runtime_s: vm.and_then(|v| v.finished_at_s),
             throughput: vm.filter(|v| v.requests_offered > 0.0).map(|v| v.throughput_ratio()),
             package_energy_j: report.package_energy_j,
+            work: vm.map(WorkReference::from_truth),
         }
     }
 }
@@ -56,7 +71,8 @@ pub(crate) struct VmResult {
     pub workload: String,
     /// When it finished, seconds (None: it did not).
     pub runtime_s: Option<f64>,
-    /// Reference runtime over runtime (batch work).
+    /// Reference seconds of work per second, over the whole run (its work rate against itself
+    /// alone at f_max).
     pub perf_ratio: Option<f64>,
     /// Throughput over reference throughput (servers).
     pub throughput_ratio: Option<f64>,
@@ -75,15 +91,23 @@ pub(crate) struct GovernorResult {
     pub package_energy_j: f64,
     /// Cores' share of it, joules.
     pub core_energy_j: f64,
-    /// Package energy over `performance`'s.
+    /// Work done, reference seconds (all VMs).
+    pub work_s: f64,
+    /// Package energy per unit of work over `performance`'s: energy at equal work.
     pub energy_ratio: f64,
-    /// Core energy over `performance`'s.
+    /// The same for the cores' energy.
     pub core_energy_ratio: f64,
     /// 1 − energy ratio.
     pub saving: f64,
     /// The share of the oracle's package saving this achieved (None when the oracle saved
     /// almost nothing).
     pub oracle_share: Option<f64>,
+    /// The share of the whole-run bound's saving this achieved (None when the bound saves
+    /// almost nothing, or there is none).
+    pub bound_share: Option<f64>,
+    /// It met its thresholds yet spent less than the bound allows (beyond [`BOUND_NOISE`]): a
+    /// bug in the yardstick.
+    pub beats_bound: bool,
     /// Every VM at or above its threshold.
     pub thresholds_met: bool,
     /// Simulated time until the last VM finished, seconds.
@@ -101,11 +125,28 @@ pub(crate) struct GovernorResult {
     pub vms: Vec<VmResult>,
 }
 
+/// A scenario's whole-run bound at one threshold, against `performance`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct BoundResult {
+    /// Energy at equal work over `performance`'s: the least any policy could reach.
+    pub energy_ratio: f64,
+    /// 1 − that.
+    pub saving: f64,
+    /// Exact (one VM) or a lower bound (several).
+    pub kind: BoundKind,
+    /// How it runs each VM, per phase: seconds at each P-state and mode.
+    pub schedule: Vec<VmSchedule>,
+}
+
 /// Every governor on one host at one threshold.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ThresholdResult {
     /// The performance and throughput threshold, a fraction.
     pub threshold: f64,
+    /// The whole-run bound (None when it could not be computed: `bound_error` says why).
+    pub bound: Option<BoundResult>,
+    /// Why there is no bound.
+    pub bound_error: Option<String>,
     /// In [`Governor::ALL`] order.
     pub governors: Vec<GovernorResult>,
 }
@@ -126,16 +167,14 @@ pub(crate) struct ScenarioResult {
     pub title: String,
     /// One VM alone.
     pub single: bool,
+    /// Its part of the report.
+    pub group: Group,
     /// One workload per VM.
     pub workloads: Vec<String>,
     /// Per threshold.
     pub results: Vec<ThresholdResult>,
     /// Its plot files, relative to the report.
     pub plots: Vec<String>,
-}
-
-fn is_batch(w: &Workload) -> bool {
-    w.phases.iter().any(|p| p.network.is_none())
 }
 
 /// The measures of one scenario at one threshold, from its runs (`runs[g]` for every governor).
@@ -145,16 +184,37 @@ pub(crate) fn evaluate(
     threshold: f64,
     references: &BTreeMap<String, Reference>,
     runs: &BTreeMap<Governor, &RunData>,
+    bound: Option<&super::runs::BoundResult>,
 ) -> ThresholdResult {
-    let reference = runs.get(&Governor::Performance).map(|r| &r.report);
-    let base_pkg = reference.map_or(f64::NAN, |r| r.package_energy_j);
-    let base_core = reference.map_or(f64::NAN, |r| r.core_energy_j);
-    let oracle_saving =
-        runs.get(&Governor::Oracle).map(|r| 1.0 - r.report.package_energy_j / base_pkg);
+    let work_refs: Vec<Option<&WorkReference>> = scenario
+        .workloads
+        .iter()
+        .map(|w| references.get(w).and_then(|r| r.work.as_ref()))
+        .collect();
+    let work = |r: &SimReport| RunWork::new(r, &work_refs);
+    let base = runs.get(&Governor::Performance).map(|r| work(&r.report));
+    let ratio = |w: &RunWork| base.as_ref().map_or(f64::NAN, |b| w.energy_ratio(b));
+    let oracle_saving = runs.get(&Governor::Oracle).map(|r| 1.0 - ratio(&work(&r.report)));
+    let (bound, bound_error) = match bound {
+        Some(Ok(b)) => {
+            let energy_ratio =
+                base.as_ref().map_or(f64::NAN, |base| b.energy_per_work / base.package_per_work());
+            let result = BoundResult {
+                energy_ratio,
+                saving: 1.0 - energy_ratio,
+                kind: b.kind,
+                schedule: b.schedule.clone(),
+            };
+            (Some(result), None)
+        }
+        Some(Err(e)) => (None, Some(e.clone())),
+        None => (None, Some("not computed".to_owned())),
+    };
     let mut governors = Vec::new();
     for g in Governor::ALL {
         let Some(run) = runs.get(&g) else { continue };
         let r = &run.report;
+        let run_work = work(r);
         let vms: Vec<VmResult> = scenario
             .workloads
             .iter()
@@ -163,14 +223,12 @@ pub(crate) fn evaluate(
                 let truth = r.vms.get(i);
                 let reference = references.get(name);
                 let workload = inputs.workloads.get(name);
-                let batch = workload.is_none_or(is_batch);
                 let server = workload.is_some_and(Workload::is_server);
                 let runtime_s = truth.and_then(|t| t.finished_at_s);
-                let perf_ratio = if batch {
-                    reference.and_then(|x| x.runtime_s).zip(runtime_s).map(|(a, b)| a / b)
-                } else {
-                    None
-                };
+                let perf_ratio = reference
+                    .and_then(|x| x.work.as_ref())
+                    .zip(truth)
+                    .and_then(|(w, t)| w.perf_ratio(t));
                 let throughput_ratio = if server {
                     reference
                         .and_then(|x| x.throughput)
@@ -189,21 +247,29 @@ pub(crate) fn evaluate(
                     perf_ratio,
                     throughput_ratio,
                     met: runtime_s.is_some()
-                        && ok(perf_ratio, batch)
+                        && ok(perf_ratio, true)
                         && ok(throughput_ratio, server),
                 }
             })
             .collect();
-        let saving = 1.0 - r.package_energy_j / base_pkg;
+        let energy_ratio = ratio(&run_work);
+        let saving = 1.0 - energy_ratio;
         governors.push(GovernorResult {
             governor: g,
             label: g.label(),
             package_energy_j: r.package_energy_j,
             core_energy_j: r.core_energy_j,
-            energy_ratio: r.package_energy_j / base_pkg,
-            core_energy_ratio: r.core_energy_j / base_core,
+            work_s: run_work.work_s,
+            energy_ratio,
+            core_energy_ratio: base.as_ref().map_or(f64::NAN, |b| run_work.core_energy_ratio(b)),
             saving,
             oracle_share: oracle_saving.filter(|s| *s >= NOTHING_TO_SAVE).map(|s| saving / s),
+            bound_share: bound
+                .as_ref()
+                .map(|b| b.saving)
+                .filter(|s| *s >= NOTHING_TO_SAVE)
+                .map(|s| saving / s),
+            beats_bound: false,
             thresholds_met: vms.iter().all(|v| v.met),
             time_s: r.time_s,
             completed: run.completed,
@@ -213,5 +279,11 @@ pub(crate) fn evaluate(
             vms,
         });
     }
-    ThresholdResult { threshold, governors }
+    if let Some(b) = &bound {
+        for g in &mut governors {
+            g.beats_bound =
+                g.thresholds_met && g.energy_ratio < b.energy_ratio * (1.0 - BOUND_NOISE);
+        }
+    }
+    ThresholdResult { threshold, bound, bound_error, governors }
 }

@@ -115,23 +115,34 @@ pub(crate) struct RunData {
     pub estimated_saving: Option<f64>,
 }
 
-/// Runs a baseline governor or the oracle on a simulated host, to the end of every VM's work
-/// (or `max_time_s`). Blocking: call it from a blocking thread.
+/// A run the lab simulates without an agent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SimPolicy {
+    /// A baseline governor, or the oracle at a threshold.
+    Governor(Governor, Option<f64>),
+    /// Every core at f_max: the research report's baseline, for its table.
+    ReportBaseline,
+}
+
+/// Runs a baseline governor, the oracle or the report's baseline on a simulated host, to the
+/// end of every VM's work (or `max_time_s`). Blocking: call it from a blocking thread.
 pub(crate) fn simulated(
     class: &HardwareClass,
     vms: Vec<VmSpec>,
     config: SimConfig,
-    governor: Governor,
-    threshold: Option<f64>,
+    policy: SimPolicy,
     max_time_s: f64,
 ) -> Result<RunData> {
     let started = Instant::now();
-    let policy = match (governor.baseline(), threshold) {
-        (Some(kind), _) => simulate::Policy::Governor(kind),
-        (None, Some(t)) if governor == Governor::Oracle => {
-            simulate::Policy::Oracle(vec![Thresholds::new(t, t)?])
-        }
-        _ => return Err(anyhow!("{} is not a simulated policy", governor.id())),
+    let policy = match policy {
+        SimPolicy::ReportBaseline => simulate::Policy::AllCoresMax,
+        SimPolicy::Governor(governor, threshold) => match (governor.baseline(), threshold) {
+            (Some(kind), _) => simulate::Policy::Governor(kind),
+            (None, Some(t)) if governor == Governor::Oracle => {
+                simulate::Policy::Oracle(vec![Thresholds::new(t, t)?])
+            }
+            _ => return Err(anyhow!("{} is not a simulated policy", governor.id())),
+        },
     };
     let scenario = Scenario { class: class.clone(), vms, config, max_time_s };
     let outcome = simulate::run(&scenario, &policy)?;
@@ -144,27 +155,68 @@ pub(crate) fn simulated(
     })
 }
 
-/// What the model predicts for a workload (from the counters of the start of its first phase,
-/// noise-free, at f_max) against what the simulator does with the workload held at each P-state.
+/// A scenario's whole-run bound at one threshold, or why there is none.
+pub(crate) type BoundResult = std::result::Result<vmgov_sim::bound::Bound, String>;
+
+/// The whole-run bound of every scenario at every threshold, keyed by (scenario, threshold)
+/// index. Blocking.
+pub(crate) fn bounds(
+    inputs: &super::inputs::Inputs,
+    references: &std::collections::BTreeMap<String, super::results::Reference>,
+    config: &SimConfig,
+    scale: f64,
+) -> std::collections::BTreeMap<(usize, usize), BoundResult> {
+    use vmgov_sim::bound::{BoundVm, whole_run_bound};
+    let mut out = std::collections::BTreeMap::new();
+    for (i, s) in inputs.scenarios.iter().enumerate() {
+        for (t, &thr) in inputs.thresholds.iter().enumerate() {
+            let vms: std::result::Result<Vec<BoundVm>, String> = inputs
+                .vms(&s.workloads, scale)
+                .into_iter()
+                .zip(&s.workloads)
+                .map(|(spec, w)| {
+                    let reference = references
+                        .get(w)
+                        .and_then(|r| r.work.clone())
+                        .ok_or_else(|| format!("{w} has no reference run"))?;
+                    let thresholds = Thresholds::new(thr, thr).map_err(|e| e.to_string())?;
+                    Ok(BoundVm { spec, reference, thresholds })
+                })
+                .collect();
+            let bound = vms.and_then(|vms| {
+                whole_run_bound(&inputs.class, &vms, config).map_err(|e| super::inputs::chain(&e))
+            });
+            out.insert((i, t), bound);
+        }
+    }
+    out
+}
+
+/// What the model predicts for a workload over its whole run at f_max, against what the
+/// simulator does with the workload held at each P-state.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ModelCheck {
     /// The workload.
     pub workload: String,
-    /// Predicted performance ratio per P-state (slowest first).
+    /// It serves requests (its ratio is judged as a throughput).
+    pub server: bool,
+    /// Predicted performance ratio per P-state (slowest first), for the whole run: the
+    /// harmonic mean of every slice's prediction (each slice of work takes 1/ratio as long).
     pub predicted_perf: Vec<f64>,
-    /// Predicted power ratio per P-state.
+    /// Predicted power ratio per P-state, averaged over the slices.
     pub predicted_power: Vec<f64>,
-    /// Predicted throughput ratio per P-state.
+    /// Predicted throughput ratio per P-state, averaged over the slices.
     pub predicted_throughput: Vec<f64>,
-    /// The workload held at each P-state: runtime at f_max over runtime (batch), or throughput
-    /// over throughput at f_max (servers).
+    /// The workload held at each P-state: its performance ratio (work rate against its run at
+    /// f_max, `vmgov_sim::measure`), which for a server is its throughput ratio.
     pub actual_perf: Vec<f64>,
-    /// Package energy over its energy at f_max.
+    /// Package energy at equal work over its energy at f_max.
     pub actual_energy: Vec<f64>,
 }
 
-/// The model against the simulator for `workload` (a blocking call): the predictions from its
-/// first phase's counters, and the workload run whole at every P-state at length `scale`.
+/// The model against the simulator for `workload` (a blocking call): the model's predictions
+/// from the counters of every slice of the workload run whole at f_max (noise-free), and the
+/// workload run whole at every P-state, at length `scale`.
 pub(crate) fn model_check(
     inputs: &super::inputs::Inputs,
     workload: &str,
@@ -172,40 +224,38 @@ pub(crate) fn model_check(
     config: &SimConfig,
     scale: f64,
 ) -> Result<ModelCheck> {
-    use vmgov_sim::SimHost;
+    use vmgov_sim::{
+        SimHost,
+        measure::{RunWork, WorkReference},
+    };
     let names = [workload.to_owned()];
     let quiet = SimConfig { counter_noise: 0.0, ..config.clone() };
     let mut host = SimHost::new(inputs.class.clone(), inputs.vms(&names, scale), quiet.clone())?;
-    // Predictions are linear in the features: average them over slices, as integer event
-    // counts (disk requests, packets) vary from slice to slice.
-    let (warmup, slices) = (10, 50);
-    let mut predicted: Vec<vmgov_proto::Ratios> = Vec::new();
+    let pstates = inputs.class.pstates.len();
+    // Per P-state: Σ 1/perf, Σ power, Σ throughput over the slices the VM ran.
+    let mut sums = vec![(0.0, 0.0, 0.0); pstates];
     let mut n = 0.0;
-    for i in 0..warmup + slices {
-        let Some(vm) = host.step().vms.first() else { break };
-        if i < warmup {
+    let max_slices = 36_000.0 / quiet.timeslice_s;
+    let mut slices = 0.0;
+    while !host.all_finished() && slices < max_slices {
+        slices += 1.0;
+        let Some(vm) = host.step().vms.first() else { continue };
+        if vm.counters.instructions == 0 {
             continue;
         }
         let features = vmgov_proto::features::derive(&vm.counters)
             .map_err(|e| anyhow!("{workload}: features of its counters: {e}"))?;
         let p = predictor.predict(&features).map_err(|e| anyhow!("{workload}: {e}"))?;
-        predicted.resize(p.len(), vmgov_proto::Ratios { perf: 0.0, power: 0.0, throughput: 0.0 });
-        for (acc, r) in predicted.iter_mut().zip(&p) {
-            acc.perf += r.perf;
-            acc.power += r.power;
-            acc.throughput += r.throughput;
+        for (acc, r) in sums.iter_mut().zip(&p) {
+            acc.0 += 1.0 / r.perf.max(1e-9);
+            acc.1 += r.power;
+            acc.2 += r.throughput;
         }
         n += 1.0;
     }
     if n == 0.0 {
         return Err(anyhow!("{workload} did not run"));
     }
-    for r in &mut predicted {
-        r.perf /= n;
-        r.power /= n;
-        r.throughput /= n;
-    }
-    let pstates = inputs.class.pstates.len();
     let mut runs = Vec::with_capacity(pstates);
     for p in 0..pstates {
         let scenario = Scenario {
@@ -218,26 +268,21 @@ pub(crate) fn model_check(
     }
     let top = runs.last().ok_or_else(|| anyhow!("the class has no P-state"))?;
     let vm_top = top.vms.first().ok_or_else(|| anyhow!("{workload} did not run"))?;
-    let server = vm_top.requests_offered > 0.0;
-    let actual_perf = runs
-        .iter()
-        .map(|r| {
-            let vm = r.vms.first();
-            if server {
-                vm.map_or(f64::NAN, |v| v.throughput_ratio() / vm_top.throughput_ratio())
-            } else {
-                vm.and_then(|v| v.finished_at_s)
-                    .zip(vm_top.finished_at_s)
-                    .map_or(f64::NAN, |(t, t0)| t0 / t)
-            }
-        })
-        .collect();
+    let reference = WorkReference::from_truth(vm_top);
+    let base = RunWork::new(top, &[Some(&reference)]);
     Ok(ModelCheck {
         workload: workload.to_owned(),
-        predicted_perf: predicted.iter().map(|r| r.perf).collect(),
-        predicted_power: predicted.iter().map(|r| r.power).collect(),
-        predicted_throughput: predicted.iter().map(|r| r.throughput).collect(),
-        actual_perf,
-        actual_energy: runs.iter().map(|r| r.package_energy_j / top.package_energy_j).collect(),
+        server: vm_top.requests_offered > 0.0,
+        predicted_perf: sums.iter().map(|s| n / s.0).collect(),
+        predicted_power: sums.iter().map(|s| s.1 / n).collect(),
+        predicted_throughput: sums.iter().map(|s| s.2 / n).collect(),
+        actual_perf: runs
+            .iter()
+            .map(|r| r.vms.first().and_then(|v| reference.perf_ratio(v)).unwrap_or(f64::NAN))
+            .collect(),
+        actual_energy: runs
+            .iter()
+            .map(|r| RunWork::new(r, &[Some(&reference)]).energy_ratio(&base))
+            .collect(),
     })
 }

@@ -7,11 +7,13 @@
 //!   oracle.
 //! - [`measure`]: work-rate performance ratios and energy at equal work, from ground truth.
 //! - [`simulate`]: a scenario run under a policy, and its ground truth.
+//! - [`bound`]: the whole-run energy bound, the least energy per work any policy could reach.
 //! - [`calibration`]: the tables of `docs/calibration.md`.
 //!
 //! The agent uses [`host`] as its simulated platform (wrapped in its own `SimPlatform`) and the
 //! governors as its fallback; `vmgov lab` uses all of it.
 
+pub mod bound;
 pub mod calibration;
 pub mod control;
 pub mod governor;

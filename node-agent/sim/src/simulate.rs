@@ -30,6 +30,9 @@ pub enum Policy {
     Fixed(Vec<usize>),
     /// The oracle, holding each VM to its thresholds (one entry for all, or one per VM).
     Oracle(Vec<Thresholds>),
+    /// Every core at the top P-state all the time, idle or not: the research report's baseline
+    /// ("all cores at the maximum frequency"), not the lab's, which rests idle cores.
+    AllCoresMax,
 }
 
 impl Policy {
@@ -39,6 +42,7 @@ impl Policy {
             Self::Governor(g) => g.name().to_owned(),
             Self::Fixed(p) => format!("fixed {p:?}"),
             Self::Oracle(_) => "oracle".to_owned(),
+            Self::AllCoresMax => "all cores at f_max".to_owned(),
         }
     }
 }
@@ -115,6 +119,12 @@ pub fn run(scenario: &Scenario, policy: &Policy) -> Result<Outcome, SimulateErro
         }
         Policy::Oracle(thresholds) => {
             oracle = Some(Oracle::new(per_vm(thresholds, n, "thresholds")?))
+        }
+        Policy::AllCoresMax => {
+            let top = host.pstates().max_index();
+            for core in 0..host.core_count() {
+                host.set_core_pstate(core, top)?;
+            }
         }
     }
     let mut steps = 0;

@@ -357,10 +357,54 @@ struct Piece {
 
 #[derive(Debug, Clone, Copy)]
 struct Want {
+    /// Placement order: affinity width, mask, last core, VM, vCPU (see [`Want::key`]).
+    key: u128,
     vm: usize,
     vcpu: usize,
     want: f64,
     share: f64,
+}
+
+/// The state a slice starts from, as [`SimHost::slice_state`] records it.
+#[derive(Debug, Clone, Default)]
+pub struct SliceState {
+    contention: f64,
+    /// Per core: its setting and the P-state it is at.
+    cores: Vec<(usize, usize)>,
+    /// Per VM: phase, followed P-state, affinity, queued instructions.
+    vms: Vec<(usize, Option<usize>, u64, f64)>,
+    vcpu_cores: Vec<usize>,
+}
+
+impl SliceState {
+    /// True when `self` and `other` would run alike: everything discrete equal, the bandwidth
+    /// factor within 1e-12 relative and the queues within 1e-12 relative or a millionth of an
+    /// instruction (rounding leaves a server's emptied queue at 0 or at 1e-9).
+    pub fn repeats(&self, other: &Self) -> bool {
+        let close = |a: f64, b: f64, abs: f64| (a - b).abs() <= 1e-12 * a.abs().max(b.abs()) + abs;
+        close(self.contention, other.contention, 0.0)
+            && self.cores == other.cores
+            && self.vcpu_cores == other.vcpu_cores
+            && self.vms.len() == other.vms.len()
+            && self
+                .vms
+                .iter()
+                .zip(&other.vms)
+                .all(|(a, b)| (a.0, a.1, a.2) == (b.0, b.1, b.2) && close(a.3, b.3, 1e-6))
+    }
+}
+
+impl Want {
+    /// The tuple `(mask.count_ones(), mask, core, vm, vcpu)` packed into one integer that sorts
+    /// the same (7 + 64 + 6 + 45 + 6 bits: a core and a vCPU index are below 64).
+    fn key(mask: u64, core: usize, vm: usize, vcpu: usize) -> u128 {
+        debug_assert!(core < 64 && vcpu < 64 && vm < 1 << 45);
+        (u128::from(mask.count_ones()) << 121)
+            | (u128::from(mask) << 57)
+            | ((core as u128) << 51)
+            | ((vm as u128) << 6)
+            | vcpu as u128
+    }
 }
 
 /// The simulated host.
@@ -389,6 +433,14 @@ pub struct SimHost {
     cursor: Vec<usize>,
     bounds: Vec<f64>,
     demand_terms: Vec<(f64, f64, f64)>,
+    /// The last demand solved for, and its bandwidth factor (None before the first).
+    solved_terms: Vec<(f64, f64, f64)>,
+    solved_contention: Option<f64>,
+    /// Per P-state: leakage watts at its voltage; per (voltage P-state, frequency P-state):
+    /// `C_eff · V² · f`, the dynamic watts at activity 1 (row-major), as [`physics`] computes
+    /// them.
+    leak_w: Vec<f64>,
+    dynamic_w: Vec<f64>,
     sample: HostSample,
 }
 
@@ -418,6 +470,12 @@ impl SimHost {
             rts.push(Self::compile_vm(spec, f_max, class.cores)?);
         }
         let top = table.max_index();
+        let power = &class.power;
+        let leak_w = volts.iter().map(|&v| physics::leakage_watts(power, v)).collect();
+        let dynamic_w = volts
+            .iter()
+            .flat_map(|&v| freqs.iter().map(move |&f| physics::dynamic_watts(power, v, f, 1.0)))
+            .collect();
         let cores = (0..class.cores)
             .map(|_| CoreRt {
                 set: top,
@@ -451,6 +509,10 @@ impl SimHost {
             cursor: Vec::new(),
             bounds: Vec::new(),
             demand_terms: Vec::new(),
+            solved_terms: Vec::new(),
+            solved_contention: None,
+            leak_w,
+            dynamic_w,
             sample: HostSample::default(),
         })
     }
@@ -586,6 +648,52 @@ impl SimHost {
         self.vms.get(vm).and_then(|v| v.phases.get(v.phase)).is_some_and(|p| p.serving)
     }
 
+    /// Records in `into` the state the next slice starts from, apart from the clock and what
+    /// only accumulates (energies, truths, progress within a phase): the settings, the phases,
+    /// where each vCPU last ran, servers' queues and the bandwidth factor. Two slices that start
+    /// from states that [`SliceState::repeats`] do the same work at the same energy, as long
+    /// as no phase ends and no VM appears between them ([`Self::slices_before_event`]): the
+    /// oracle fast-forwards a stationary host with it.
+    pub fn slice_state(&self, into: &mut SliceState) {
+        into.contention = self.contention;
+        into.cores.clear();
+        into.cores.extend(self.cores.iter().map(|c| (c.set, c.actual)));
+        into.vms.clear();
+        into.vms.extend(self.vms.iter().map(|v| (v.phase, v.follow, v.affinity, v.backlog_instr)));
+        into.vcpu_cores.clear();
+        for v in &self.vms {
+            into.vcpu_cores.extend_from_slice(&v.vcpu_core);
+        }
+    }
+
+    /// Whole slices from now before a VM appears or some VM's phase ends, if every running VM
+    /// keeps the pace of the last slice (0 when a phase changed in the last slice).
+    pub fn slices_before_event(&self) -> f64 {
+        let dt = self.config.timeslice_s;
+        let mut slices = f64::INFINITY;
+        for vm in &self.vms {
+            if vm.finished() {
+                continue;
+            }
+            if vm.start_s > self.time_s + 1e-12 {
+                slices = slices.min(((vm.start_s - self.time_s) / dt).floor());
+                continue;
+            }
+            if vm.acc.phase != vm.phase {
+                return 0.0;
+            }
+            let left = match vm.phases[vm.phase].end {
+                PhaseEnd::Instructions(n) if vm.acc.instr > 0.0 => {
+                    (n - vm.phase_done) / vm.acc.instr
+                }
+                PhaseEnd::Instructions(_) => f64::INFINITY,
+                PhaseEnd::Duration(d) => (d - 1e-9 - vm.phase_done) / dt,
+            };
+            slices = slices.min(left.floor().max(0.0));
+        }
+        slices
+    }
+
     /// A copy of the host, without measurement noise, in which only `vm` still runs: what it
     /// would do alone.
     #[must_use]
@@ -687,7 +795,8 @@ impl SimHost {
                 } else {
                     1.0
                 };
-                self.wants.push(Want { vm: i, vcpu, want, share: 0.0 });
+                let key = Want::key(vm.affinity, vm.vcpu_core[vcpu], i, vcpu);
+                self.wants.push(Want { key, vm: i, vcpu, want, share: 0.0 });
             }
         }
     }
@@ -700,11 +809,8 @@ impl SimHost {
         self.segments.clear();
         // Groups by affinity mask, narrowest first, so pinned vCPUs get their cores before
         // vCPUs that could go anywhere.
-        let vms = &self.vms;
-        self.wants.sort_by_key(|w| {
-            let mask = vms[w.vm].affinity;
-            (mask.count_ones(), mask, vms[w.vm].vcpu_core[w.vcpu], w.vm, w.vcpu)
-        });
+        // Keys are unique (they end with the VM and vCPU), so an unstable sort is exact.
+        self.wants.sort_unstable_by_key(|w| w.key);
         let mut start = 0;
         while start < self.wants.len() {
             let mask = self.vms[self.wants[start].vm].affinity;
@@ -752,7 +858,9 @@ impl SimHost {
     fn lay_out_cores(&mut self, dt: f64) {
         self.pieces.clear();
         self.core_first.clear();
-        self.segments.sort_by_key(|s| s.0);
+        if !self.segments.is_sorted_by_key(|s| s.0) {
+            self.segments.sort_by_key(|s| s.0);
+        }
         let dvfs = &self.class.dvfs;
         let mut seg = 0;
         for (ci, core) in self.cores.iter_mut().enumerate() {
@@ -832,9 +940,19 @@ impl SimHost {
                 self.demand_terms.push((k, (ph.cpi + ph.io_cycles_per_instr) / f, ph.stall_s));
             }
         }
+        // A slice that demands what the last one did gets the same factor (a stationary host
+        // solves it once).
+        if let Some(c) = self.solved_contention
+            && self.solved_terms == self.demand_terms
+        {
+            return c;
+        }
         let terms = &self.demand_terms;
         let demand = |c: f64| terms.iter().map(|(k, a, s)| k / (a + s * c)).sum::<f64>();
-        physics::bandwidth_contention(self.class.memory_bandwidth_bytes_per_s, demand)
+        let c = physics::bandwidth_contention(self.class.memory_bandwidth_bytes_per_s, demand);
+        self.solved_terms.clone_from(&self.demand_terms);
+        self.solved_contention = Some(c);
+        c
     }
 
     /// (5) Instructions and cycles of every run piece.
@@ -870,21 +988,23 @@ impl SimHost {
     /// (6) Energy of every piece; returns the cores' energy (J) and the DRAM traffic (bytes).
     fn integrate_power(&mut self) -> (f64, f64) {
         let power = &self.class.power;
-        let piece_power = |p: &Piece, v: f64, freqs: &[f64]| {
-            let f = freqs[p.pstate];
+        let n = self.freqs.len();
+        let (dynamic_w, leak_w) = (&self.dynamic_w, &self.leak_w);
+        // `physics::dynamic_watts + physics::leakage_watts × fraction` at the voltage of P-state
+        // `vi`, from the tables (the same products in the same order).
+        let piece_power = |p: &Piece, vi: usize| {
             let (activity, leak_fraction) = match p.kind {
                 Kind::Run => (physics::running_activity(power, p.stalled), 1.0),
                 Kind::Switch => (power.idle_activity, 1.0),
                 Kind::Idle => (power.idle_activity, power.idle_leakage_fraction),
             };
-            physics::dynamic_watts(power, v, f, activity)
-                + physics::leakage_watts(power, v) * leak_fraction
+            dynamic_w[vi * n + p.pstate] * activity + leak_w[vi] * leak_fraction
         };
         let mut total = 0.0;
         match self.class.voltage_domain {
             VoltageDomain::PerCore => {
                 for p in &self.pieces {
-                    let e = piece_power(p, self.volts[p.pstate], &self.freqs) * (p.end - p.start);
+                    let e = piece_power(p, p.pstate) * (p.end - p.start);
                     total += e;
                     if p.kind != Kind::Idle {
                         self.vms[p.vm].acc.energy_j += e;
@@ -896,7 +1016,7 @@ impl SimHost {
                 // slice over every piece boundary.
                 self.bounds.clear();
                 self.bounds.extend(self.pieces.iter().map(|p| p.end));
-                self.bounds.sort_by(f64::total_cmp);
+                self.bounds.sort_unstable_by(f64::total_cmp);
                 self.bounds.dedup_by(|a, b| (*a - *b).abs() < 1e-15);
                 let cores = self.cores.len();
                 self.cursor.clear();
@@ -909,14 +1029,17 @@ impl SimHost {
                     let mid = 0.5 * (t0 + t1);
                     // Each core's pieces tile its slice in time order: advance its cursor to the
                     // piece covering this interval.
-                    let mut v: f64 = 0.0;
+                    let (mut v, mut vi): (f64, usize) = (0.0, 0);
                     for c in 0..cores {
                         let end = self.core_first[c + 1];
                         while self.cursor[c] + 1 < end && self.pieces[self.cursor[c]].end <= mid {
                             self.cursor[c] += 1;
                         }
                         if self.cursor[c] < end {
-                            v = v.max(self.volts[self.pieces[self.cursor[c]].pstate]);
+                            let pi = self.pieces[self.cursor[c]].pstate;
+                            if self.volts[pi] > v {
+                                (v, vi) = (self.volts[pi], pi);
+                            }
                         }
                     }
                     for c in 0..cores {
@@ -924,7 +1047,7 @@ impl SimHost {
                             continue;
                         }
                         let p = &self.pieces[self.cursor[c]];
-                        let e = piece_power(p, v, &self.freqs) * (t1 - t0);
+                        let e = piece_power(p, vi) * (t1 - t0);
                         total += e;
                         if p.kind != Kind::Idle {
                             self.vms[p.vm].acc.energy_j += e;
@@ -934,14 +1057,13 @@ impl SimHost {
                 }
             }
         }
-        for p in &self.pieces {
-            self.cores[p.core].residency[p.pstate] += p.end - p.start;
-        }
         for core in &mut self.cores {
             core.freq_time = 0.0;
         }
         for p in &self.pieces {
-            self.cores[p.core].freq_time += self.freqs[p.pstate] * (p.end - p.start);
+            let core = &mut self.cores[p.core];
+            core.residency[p.pstate] += p.end - p.start;
+            core.freq_time += self.freqs[p.pstate] * (p.end - p.start);
         }
         let dram = self
             .vms
@@ -1005,6 +1127,9 @@ impl SimHost {
             if ended {
                 vm.phase += 1;
                 vm.phase_done = 0.0;
+                // Requests still queued when a phase ends are dropped (their clients time out):
+                // every phase's requests are served in that phase or never, which keeps each
+                // phase's work its own (`measure` and `bound` count work phase by phase).
                 vm.backlog_instr = 0.0;
                 if vm.finished() {
                     vm.truth.finished_at_s = Some(now - dt * (1.0 - fraction));
@@ -1041,7 +1166,7 @@ impl SimHost {
                     clippy::cast_sign_loss,
                     reason = "clamped to >= 0"
                 )]
-                let v = (x * (1.0 + sigma * z)).max(0.0).round() as u64;
+                let v = round_to_u64((x * (1.0 + sigma * z)).max(0.0));
                 v
             };
             let instructions = noisy(acc.instr);
@@ -1053,7 +1178,7 @@ impl SimHost {
             let requests = if ph.serving { acc.instr / ph.instr_per_request } else { 0.0 };
             let mut count = |slot: usize, x: f64| -> u64 {
                 vm.carry[slot] += x;
-                let whole = vm.carry[slot].floor();
+                let whole = floor_non_negative(vm.carry[slot]);
                 vm.carry[slot] -= whole;
                 #[allow(
                     clippy::cast_possible_truncation,
@@ -1111,6 +1236,36 @@ impl SimHost {
             self.sample.placement.push(VcpuPlacement { vm: w.vm, vcpu: w.vcpu, core, share });
         }
     }
+}
+
+/// `x.round() as u64` for `x >= 0`, without a call to libm below 2^52: `x − trunc(x)` is exact
+/// there, so comparing it with one half rounds half away from zero as `round` does.
+#[inline]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss,
+    reason = "0 <= x < 2^52 on the fast path"
+)]
+fn round_to_u64(x: f64) -> u64 {
+    if (0.0..4_503_599_627_370_496.0).contains(&x) {
+        let whole = x as u64;
+        if x - whole as f64 >= 0.5 { whole + 1 } else { whole }
+    } else {
+        x.round() as u64
+    }
+}
+
+/// `x.floor()` for `x >= 0`, without a call to libm below 2^52 (truncation is the floor there).
+#[inline]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss,
+    reason = "0 <= x < 2^52 on the fast path"
+)]
+fn floor_non_negative(x: f64) -> f64 {
+    if (0.0..4_503_599_627_370_496.0).contains(&x) { (x as u64) as f64 } else { x.floor() }
 }
 
 impl FrequencyControl for SimHost {

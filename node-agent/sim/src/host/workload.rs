@@ -186,6 +186,20 @@ const TRAINING: &[(&str, &str)] = builtin! {
     "train-mix" => "training/train-mix.toml",
 };
 
+/// The held-out suite: written from published characterisations, deliberately unlike the
+/// training suite, never trained on; the lab judges the model on it.
+const HELD_OUT: &[(&str, &str)] = builtin! {
+    "ho-429.mcf" => "held-out/ho-429.mcf.toml",
+    "ho-gups" => "held-out/ho-gups.toml",
+    "ho-453.povray" => "held-out/ho-453.povray.toml",
+    "ho-471.omnetpp-llc" => "held-out/ho-471.omnetpp-llc.toml",
+    "ho-403.gcc" => "held-out/ho-403.gcc.toml",
+    "ho-memcached-burst" => "held-out/ho-memcached-burst.toml",
+    "ho-pgbench" => "held-out/ho-pgbench.toml",
+    "ho-sysbench-timed" => "held-out/ho-sysbench-timed.toml",
+    "ho-stream-2t" => "held-out/ho-stream-2t.toml",
+};
+
 /// Names of the report's evaluation workloads.
 pub fn evaluation_names() -> Vec<&'static str> {
     EVALUATION.iter().map(|(n, _)| *n).collect()
@@ -196,9 +210,14 @@ pub fn training_names() -> Vec<&'static str> {
     TRAINING.iter().map(|(n, _)| *n).collect()
 }
 
+/// Names of the held-out suite.
+pub fn held_out_names() -> Vec<&'static str> {
+    HELD_OUT.iter().map(|(n, _)| *n).collect()
+}
+
 /// Every built-in workload name.
 pub fn builtin_names() -> Vec<&'static str> {
-    EVALUATION.iter().chain(TRAINING).map(|(n, _)| *n).collect()
+    EVALUATION.iter().chain(TRAINING).chain(HELD_OUT).map(|(n, _)| *n).collect()
 }
 
 impl Workload {
@@ -207,6 +226,7 @@ impl Workload {
         let (_, text) = EVALUATION
             .iter()
             .chain(TRAINING)
+            .chain(HELD_OUT)
             .find(|(n, _)| *n == name)
             .ok_or_else(|| WorkloadError::Unknown(name.into()))?;
         Self::parse(text, Path::new(name))
@@ -338,6 +358,24 @@ impl Workload {
         w
     }
 
+    /// The same workload run as `copies` copies side by side in one VM (SPECrate-style): every
+    /// phase that does not serve requests gets `copies` times the threads and, if it ends after
+    /// its instructions, `copies` times the instructions; serving phases keep their workers.
+    /// The name says how many copies run.
+    #[must_use]
+    pub fn copies(&self, copies: u32) -> Self {
+        let mut w = self.clone();
+        if copies <= 1 {
+            return w;
+        }
+        w.name = format!("{}-x{copies}", self.name);
+        for p in w.phases.iter_mut().filter(|p| p.network.is_none()) {
+            p.threads = p.threads.saturating_mul(copies);
+            p.instructions = p.instructions.map(|n| n * f64::from(copies));
+        }
+        w
+    }
+
     /// True when some phase serves network requests (its result is a throughput).
     pub fn is_server(&self) -> bool {
         self.phases.iter().any(|p| p.network.is_some())
@@ -371,7 +409,23 @@ mod tests {
     #[test]
     fn training_and_evaluation_never_overlap() {
         let eval = evaluation_names();
-        assert!(training_names().iter().all(|t| !eval.contains(t)));
+        let held_out = held_out_names();
+        assert!(training_names().iter().all(|t| !eval.contains(t) && !held_out.contains(t)));
+        assert!(held_out.iter().all(|h| !eval.contains(h)));
+        assert!(held_out.len() >= 8);
+    }
+
+    /// Every held-out profile says where its numbers come from.
+    #[test]
+    fn every_held_out_workload_cites_its_sources() {
+        for (name, text) in HELD_OUT {
+            let header: String =
+                text.lines().take_while(|l| l.starts_with('#')).collect::<Vec<_>>().join("\n");
+            assert!(
+                header.contains("Source") && header.len() > 300,
+                "{name}: the file must open with its sources"
+            );
+        }
     }
 
     #[test]

@@ -525,11 +525,46 @@ mod tests {
         let inputs = load(None, None, None, 0.01).unwrap();
         assert_eq!(inputs.class.name, "phenom-9500");
         assert_eq!(inputs.thresholds, vec![0.7, 0.4]);
-        assert_eq!(inputs.scenarios.len(), 9 + 5);
+        let group = |g| inputs.scenarios.iter().filter(|s| s.group == g).count();
+        assert_eq!(group(Group::Report), 9 + 5);
         assert!(inputs.scenarios[..9].iter().all(Scenario::single));
         assert_eq!(inputs.scenarios[13].workloads, ["httperf-200", "bonnie++", "470.lbm"]);
+        assert_eq!(group(Group::HeldOut), held_out_names().len());
+        assert_eq!(group(Group::FullHost), 4);
         assert!(inputs.training.iter().all(|t| t.starts_with("train-")));
         assert!(inputs.evaluated().iter().all(|w| !inputs.training.contains(w)));
+    }
+
+    /// Full hosts give every core a vCPU: two copies of a workload per 2-vCPU VM, from a fixed
+    /// seed, and the memory- and CPU-bound fills draw only from their kind.
+    #[test]
+    fn full_hosts_fill_every_core_of_the_class() {
+        for (class, vms) in [("phenom-9500", 2), ("epyc-7502", 16)] {
+            let inputs = load(Some(class), None, None, 0.01).unwrap();
+            let full: Vec<&Scenario> =
+                inputs.scenarios.iter().filter(|s| s.group == Group::FullHost).collect();
+            for s in &full[..3] {
+                assert_eq!(s.workloads.len(), vms, "{class}: {}", s.title);
+                for w in &s.workloads {
+                    let w = &inputs.workloads[w];
+                    assert!(w.name.ends_with("-x2"), "{}", w.name);
+                    assert!(w.phases.iter().all(|p| p.network.is_some() || p.threads == 2));
+                }
+            }
+            assert_eq!(full[3].workloads.len(), vms / 2, "half a host");
+            let memory = &full[1].workloads;
+            assert!(memory.iter().all(|w| MEMORY_BOUND.iter().any(|m| *w == format!("{m}-x2"))));
+            assert!(full[2].workloads.iter().all(|w| w == "444.namd-x2"));
+            let again = load(Some(class), None, None, 0.01).unwrap();
+            let mixes = |i: &Inputs| -> Vec<Vec<String>> {
+                i.scenarios
+                    .iter()
+                    .filter(|s| s.group == Group::FullHost)
+                    .map(|s| s.workloads.clone())
+                    .collect()
+            };
+            assert_eq!(mixes(&inputs), mixes(&again), "the mix is the same every time");
+        }
     }
 
     #[test]

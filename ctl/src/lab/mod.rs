@@ -89,9 +89,16 @@ pub(crate) struct LabArgs {
     /// instead of the report's.
     #[arg(long, value_name = "FILE")]
     scenarios: Option<PathBuf>,
-    /// Hardware class of every host: a class file, or a built-in name (phenom-9500, epyc-7502).
-    #[arg(long, value_name = "FILE", default_value = "phenom-9500")]
-    class: String,
+    /// Hardware classes, each a class file or a built-in name, comma-separated: the lab runs
+    /// the whole experiment on each in turn (learning and a model per class), into a folder per
+    /// class when there are several.
+    #[arg(
+        long,
+        value_name = "CLASS",
+        value_delimiter = ',',
+        default_values = ["phenom-9500", "epyc-7502"]
+    )]
+    class: Vec<String>,
     /// Seed of every simulated host's counter noise: the same seed gives the same report.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -231,18 +238,84 @@ fn output_dir(given: Option<&Path>) -> Result<(PathBuf, bool)> {
 pub(crate) async fn run(args: &LabArgs) -> Result<()> {
     let started = Instant::now();
     let knobs = Knobs::new(args)?;
-    let inputs = Arc::new(inputs::load(
-        Some(&args.class),
-        args.workloads.as_deref(),
-        args.scenarios.as_deref(),
-        TIMESLICE_S,
-    )?);
+    if args.class.is_empty() {
+        bail!("--class: give at least one hardware class, e.g. phenom-9500");
+    }
+    // Every class and file is checked before anything runs.
+    let mut all = Vec::new();
+    for class in &args.class {
+        all.push(Arc::new(inputs::load(
+            Some(class),
+            args.workloads.as_deref(),
+            args.scenarios.as_deref(),
+            TIMESLICE_S,
+        )?));
+    }
+    let (out, created) = output_dir(args.out.as_deref())?;
+    let several = all.len() > 1;
+    let mut done = Vec::new();
+    for inputs in &all {
+        let dir =
+            if several { out.join(inputs::file_safe(&inputs.class.name)) } else { out.clone() };
+        let result = run_class(args, inputs, &knobs, &dir, started).await;
+        if let Err(e) = result {
+            if created && done.is_empty() {
+                // Nothing was written: leave no empty folder behind.
+                let _ = std::fs::remove_dir(&dir);
+                let _ = std::fs::remove_dir(&out);
+            }
+            return Err(e);
+        }
+        done.push(inputs.class.name.clone());
+    }
+    if several {
+        write_index(&out, &done)?;
+        println!(
+            "vmgov lab: {} classes, one folder each under {}/ ({:.0} s)",
+            done.len(),
+            out.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// The top of a several-class report: a line and a link per class.
+fn write_index(out: &Path, classes: &[String]) -> Result<()> {
+    let mut text = String::from(
+        "# vmgov lab report\n\nThe whole experiment on each hardware class, in its own folder \
+         (learning, a model of its own, every scenario, the bound; `docs/yardstick.md` defines \
+         the measures):\n\n",
+    );
+    for c in classes {
+        let dir = inputs::file_safe(c);
+        text.push_str(&format!("- `{c}`: [{dir}/report.md]({dir}/report.md)\n"));
+    }
+    let path = out.join("report.md");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The whole experiment on one class, into `out`.
+async fn run_class(
+    args: &LabArgs,
+    inputs: &Arc<Inputs>,
+    knobs: &Knobs,
+    out: &Path,
+    started: Instant,
+) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating the output directory {}", out.display()))?;
     if args.etcd.is_empty() {
         let desc = "in-memory store".to_owned();
         let store = MemoryStore::new(SAMPLE_CAPACITY);
-        run_with(store, desc, &inputs, &knobs, args.out.as_deref(), started).await
+        run_with(store, desc, inputs, knobs, out, started).await
     } else {
-        let prefix = format!("/vmgov-lab/{}-{}/", utc_stamp(), std::process::id());
+        let prefix = format!(
+            "/vmgov-lab/{}-{}-{}/",
+            utc_stamp(),
+            std::process::id(),
+            inputs::file_safe(&inputs.class.name)
+        );
         let endpoints = args.etcd.join(",");
         let config = EtcdConfig {
             prefix: prefix.clone(),
@@ -255,7 +328,7 @@ pub(crate) async fn run(args: &LabArgs) -> Result<()> {
             .map_err(|_| anyhow!("etcd at {endpoints} did not answer within 30 s; {hint}"))?
             .map_err(|e| anyhow!("connecting to etcd at {endpoints}: {e}; {hint}"))?;
         let desc = format!("etcd at {endpoints}, key prefix {prefix}");
-        run_with(store, desc, &inputs, &knobs, args.out.as_deref(), started).await
+        run_with(store, desc, inputs, knobs, out, started).await
     }
 }
 
@@ -265,22 +338,13 @@ async fn run_with<S: Store>(
     desc: String,
     inputs: &Arc<Inputs>,
     knobs: &Knobs,
-    out: Option<&Path>,
+    out: &Path,
     started: Instant,
 ) -> Result<()> {
-    let (out, created) = output_dir(out)?;
-    let report = match experiment(store, desc, inputs, knobs, &out, started).await {
-        Ok(r) => r,
-        Err(e) => {
-            if created {
-                // Nothing was written: leave no empty folder behind.
-                let _ = std::fs::remove_dir(&out);
-            }
-            return Err(e);
-        }
-    };
+    let report = experiment(store, desc, inputs, knobs, out, started).await?;
+    println!("\n=== vmgov lab on {} ===", inputs.class.name);
     println!("{}", report::terminal(&report));
-    write_files(&out, &report)?;
+    write_files(out, &report)?;
     println!(
         "vmgov lab: report.md, report.json, model.json and {} plots written to {}/ ({:.0} s)",
         report.plots.len(),

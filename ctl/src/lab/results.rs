@@ -287,3 +287,51 @@ pub(crate) fn evaluate(
     }
     ThresholdResult { threshold, bound, bound_error, governors }
 }
+
+#[cfg(test)]
+mod tests {
+    use vmgov_sim::bound::{Bound, BoundKind};
+
+    use super::*;
+    use crate::lab::{
+        inputs,
+        runs::{self, SimPolicy},
+    };
+
+    /// A run that meets its thresholds below the bound is flagged, and only such a run.
+    #[test]
+    fn a_run_below_the_bound_is_flagged_as_a_yardstick_bug() {
+        let inputs = inputs::load(None, None, None, 0.01).unwrap();
+        let scenario = inputs.scenarios.iter().find(|s| s.workloads == ["470.lbm"]).unwrap();
+        let config = vmgov_sim::SimConfig { counter_noise: 0.0, ..vmgov_sim::SimConfig::default() };
+        let perf = runs::simulated(
+            &inputs.class,
+            inputs.vms(&scenario.workloads, 0.0005),
+            config,
+            SimPolicy::Governor(Governor::Performance, None),
+            3600.0,
+        )
+        .unwrap();
+        let references: BTreeMap<String, Reference> =
+            [("470.lbm".to_owned(), Reference::new("470.lbm", &perf.report))].into();
+        // A run as good as performance on 10% less energy: impossible, so a bug if it happens.
+        let mut cheat = perf.clone();
+        cheat.report.package_energy_j *= 0.9;
+        let runs: BTreeMap<Governor, &RunData> =
+            [(Governor::Performance, &perf), (Governor::Vmgov, &cheat)].into();
+        let per_work = RunWork::new(&perf.report, &[references["470.lbm"].work.as_ref()]);
+        let bound: runs::BoundResult = Ok(Bound {
+            energy_per_work: 0.95 * per_work.package_per_work(),
+            kind: BoundKind::Exact,
+            schedule: Vec::new(),
+        });
+        let t = evaluate(&inputs, scenario, 0.7, &references, &runs, Some(&bound));
+        assert!(t.get(Governor::Vmgov).unwrap().beats_bound, "{t:?}");
+        assert!(!t.get(Governor::Performance).unwrap().beats_bound);
+        assert!((t.bound.as_ref().unwrap().saving - 0.05).abs() < 1e-9);
+        let within =
+            Ok(Bound { energy_per_work: 0.9 * per_work.package_per_work(), ..bound.unwrap() });
+        let t = evaluate(&inputs, scenario, 0.7, &references, &runs, Some(&within));
+        assert!(!t.get(Governor::Vmgov).unwrap().beats_bound, "within noise of the bound");
+    }
+}

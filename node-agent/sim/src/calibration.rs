@@ -10,6 +10,7 @@ use vmgov_proto::Thresholds;
 use crate::{
     governor::GovernorKind,
     host::{HardwareClass, SimConfig, SimReport, VmSpec, Workload},
+    measure::{RunWork, WorkReference},
     simulate::{self, Policy, Scenario, SimulateError},
 };
 
@@ -24,11 +25,12 @@ pub struct Row {
     /// Workload name.
     pub workload: String,
     /// Performance ratio per P-state (slowest first) against the performance governor: its
-    /// runtime over the runtime, or the throughput ratio for servers.
+    /// work rate ([`crate::measure`]), the runtime ratio for work that ends after its
+    /// instructions, the throughput ratio for a server.
     pub perf: Vec<f64>,
-    /// Package energy per P-state relative to the performance governor.
+    /// Package energy at equal work per P-state relative to the performance governor.
     pub package_energy: Vec<f64>,
-    /// Core energy (package − uncore) per P-state relative to f_max.
+    /// Core energy (package − uncore) at equal work per P-state relative to the same.
     pub core_energy: Vec<f64>,
     /// Oracle at each threshold: (threshold, package saving, core saving, perf ratio).
     pub oracle: Vec<(f64, f64, f64, f64)>,
@@ -37,16 +39,8 @@ pub struct Row {
 /// The thresholds the tables use, as in the report.
 pub const THRESHOLDS: [f64; 2] = [0.7, 0.4];
 
-fn perf_ratio(run: &SimReport, reference: &SimReport) -> f64 {
-    let (v, r) = (&run.vms[0], &reference.vms[0]);
-    if r.requests_offered > 0.0 {
-        v.throughput_ratio() / r.throughput_ratio()
-    } else {
-        match (v.finished_at_s, r.finished_at_s) {
-            (Some(t), Some(t0)) => t0 / t,
-            _ => 0.0,
-        }
-    }
+fn perf_ratio(run: &SimReport, reference: &WorkReference) -> f64 {
+    run.vms.first().and_then(|v| reference.perf_ratio(v)).unwrap_or(0.0)
 }
 
 /// Runs every workload alone (2 vCPUs, as in the report) on `class`, at `scale` of its length.
@@ -77,6 +71,13 @@ pub fn table(
             // idle for a whole slice at the lowest P-state), as for every policy compared.
             let top =
                 &simulate::run(&scenario, &Policy::Governor(GovernorKind::Performance))?.report;
+            let reference = top
+                .vms
+                .first()
+                .map(WorkReference::from_truth)
+                .ok_or_else(|| SimulateError::Policy(format!("{} did not run", w.name)))?;
+            let work = |r: &SimReport| RunWork::new(r, &[Some(&reference)]);
+            let base = work(top);
             let oracle = THRESHOLDS
                 .iter()
                 .map(|&t| {
@@ -85,20 +86,17 @@ pub fn table(
                     let o = simulate::run(&scenario, &Policy::Oracle(vec![thresholds]))?.report;
                     Ok((
                         t,
-                        1.0 - o.package_energy_j / top.package_energy_j,
-                        1.0 - o.core_energy_j / top.core_energy_j,
-                        perf_ratio(&o, top),
+                        1.0 - work(&o).energy_ratio(&base),
+                        1.0 - work(&o).core_energy_ratio(&base),
+                        perf_ratio(&o, &reference),
                     ))
                 })
                 .collect::<Result<_, SimulateError>>()?;
             Ok(Row {
                 workload: w.name.clone(),
-                perf: runs.iter().map(|r| perf_ratio(r, top)).collect(),
-                package_energy: runs
-                    .iter()
-                    .map(|r| r.package_energy_j / top.package_energy_j)
-                    .collect(),
-                core_energy: runs.iter().map(|r| r.core_energy_j / top.core_energy_j).collect(),
+                perf: runs.iter().map(|r| perf_ratio(r, &reference)).collect(),
+                package_energy: runs.iter().map(|r| work(r).energy_ratio(&base)).collect(),
+                core_energy: runs.iter().map(|r| work(r).core_energy_ratio(&base)).collect(),
                 oracle,
             })
         })
@@ -120,8 +118,9 @@ pub fn markdown(class: &HardwareClass, rows: &[Row]) -> String {
     };
     let _ = writeln!(
         out,
-        "Performance ratio with the VM held at each P-state (runtime under the performance governor / \
-         runtime; throughput ratio for servers):\n"
+        "Performance ratio with the VM held at each P-state, against the performance governor: its \
+         work rate (the runtime ratio for work that ends after its instructions, the throughput \
+         ratio for servers):\n"
     );
     header(&mut out, "perf");
     for r in rows {
@@ -130,7 +129,7 @@ pub fn markdown(class: &HardwareClass, rows: &[Row]) -> String {
     }
     let _ = writeln!(
         out,
-        "\nEnergy against the performance governor, package (core only in brackets):\n"
+        "\nEnergy at equal work against the performance governor, package (core only in brackets):\n"
     );
     header(&mut out, "energy");
     for r in rows {
@@ -144,7 +143,7 @@ pub fn markdown(class: &HardwareClass, rows: &[Row]) -> String {
     }
     let _ = writeln!(
         out,
-        "\nOracle: energy saved against the performance governor, package (core only), and the \
+        "\nOracle: energy saved at equal work against the performance governor, package (core only), and the \
          performance ratio it ran at; \
          the report's measured saving at 40% where it gives one:\n"
     );

@@ -526,7 +526,9 @@ mod tests {
     fn the_oracle_matches_brute_force_for_one_vm() {
         for (w, scale, t) in [
             ("470.lbm", 0.0005, 0.7),
-            ("444.namd", 0.0005, 0.7),
+            // namd at 2.0 and 2.2 GHz costs within 0.1% per unit of work: a run of a few hundred
+            // slices, so the first window's transitions do not decide it.
+            ("444.namd", 0.005, 0.7),
             ("httperf-500", 0.05, 0.85),
             ("470.lbm", 0.0005, 0.95),
         ] {

@@ -1,18 +1,22 @@
-//! `vmgov lab`: the whole system on one machine, through the report's experiment.
+//! `vmgov lab`: the whole system on one machine, through the report's experiment and beyond it,
+//! on every hardware class asked for (both built-in ones by default), one after the other.
 //!
-//! In one process: a coordinator (in-memory store, or etcd with `--etcd`) serving real gRPC on
-//! a loopback port, and agents on simulated hosts talking to it through the real coordinator
-//! link. The lab drives it as an operator would, over `FleetService`:
+//! Per class, in one process: a coordinator (in-memory store, or etcd with `--etcd`) serving
+//! real gRPC on a loopback port, and agents on simulated hosts talking to it through the real
+//! coordinator link. The lab drives it as an operator would, over `FleetService`:
 //!
-//! 1. learning on the training suite (never the evaluation workloads), one host per workload,
+//! 1. learning on the training suite (never an evaluated workload), one host per workload,
 //!    then training and activation of the model (`fleet.rs`);
-//! 2. every scenario (each evaluation workload alone, the report's Table 2) at every threshold,
-//!    under `performance`, `ondemand`, `schedutil`, `cpu-load` and the oracle (simulated, in
-//!    `runs.rs`), and vmgov's agent with the `power` objective (the report's equation 9) and with
-//!    its default `energy` objective, each a real agent on its own simulated host
-//!    ([`platform::LabPlatform`]) in lockstep until its VMs finish;
-//! 3. the measures as the report defines them (`results.rs`), and the report: tables on the
-//!    terminal, `report.md`, `report.json` and SVG plots (`report.rs`, `svg.rs`).
+//! 2. every scenario (the report's, the held-out suite, full hosts: `inputs.rs`) at every
+//!    threshold, under `performance`, `ondemand`, `schedutil`, `cpu-load` and the oracle
+//!    (simulated, in `runs.rs`), and vmgov's agent with the `power` objective (the report's
+//!    equation 9) and with its default `energy` objective, each a real agent on its own
+//!    simulated host ([`platform::LabPlatform`]) in lockstep until its VMs finish; and each
+//!    scenario's whole-run bound;
+//! 3. the measures of `docs/yardstick.md` (`results.rs`), the report's table
+//!    (`report_table.rs`), and the report: tables on the terminal, `report.md`, `report.json` and
+//!    SVG plots (`report.rs`, `svg.rs`). A run that met its thresholds below the bound fails the
+//!    lab after the report is written: the yardstick would be wrong.
 //!
 //! Inputs are checked before anything starts (`inputs.rs`). Runs go in parallel, one per CPU;
 //! the baselines start while the training hosts learn. Everything is repeatable for a seed.
@@ -242,7 +246,7 @@ pub(crate) async fn run(args: &LabArgs) -> Result<()> {
         bail!("--class: give at least one hardware class, e.g. phenom-9500");
     }
     // Every class and file is checked before anything runs.
-    let mut all = Vec::new();
+    let mut all: Vec<Arc<Inputs>> = Vec::new();
     for class in &args.class {
         all.push(Arc::new(inputs::load(
             Some(class),
@@ -250,6 +254,14 @@ pub(crate) async fn run(args: &LabArgs) -> Result<()> {
             args.scenarios.as_deref(),
             TIMESLICE_S,
         )?));
+    }
+    for (i, a) in all.iter().enumerate() {
+        if all[..i]
+            .iter()
+            .any(|b| inputs::file_safe(&b.class.name) == inputs::file_safe(&a.class.name))
+        {
+            bail!("--class: class {} is given twice; give each class once", a.class.name);
+        }
     }
     let (out, created) = output_dir(args.out.as_deref())?;
     let several = all.len() > 1;

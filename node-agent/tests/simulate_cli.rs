@@ -103,7 +103,7 @@ fn bad_input_is_refused_with_a_reason() {
 fn a_users_own_class_and_workload_files_run() {
     let dir = std::env::temp_dir().join(format!("vmgov-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let class = include_str!("../classes/phenom-9500.toml")
+    let class = include_str!("../sim/classes/phenom-9500.toml")
         .replace("name = \"phenom-9500\"", "name = \"my-phenom\"")
         .replace("cores = 4", "cores = 2");
     std::fs::write(dir.join("class.toml"), class).unwrap();

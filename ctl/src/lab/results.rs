@@ -320,17 +320,15 @@ mod tests {
         let runs: BTreeMap<Governor, &RunData> =
             [(Governor::Performance, &perf), (Governor::Vmgov, &cheat)].into();
         let per_work = RunWork::new(&perf.report, &[references["470.lbm"].work.as_ref()]);
-        let bound: runs::BoundResult = Ok(Bound {
-            energy_per_work: 0.95 * per_work.package_per_work(),
-            kind: BoundKind::Exact,
-            schedule: Vec::new(),
-        });
-        let t = evaluate(&inputs, scenario, 0.7, &references, &runs, Some(&bound));
+        let bound = |energy_per_work: f64| -> runs::BoundResult {
+            Ok(Bound { energy_per_work, kind: BoundKind::Exact, schedule: Vec::new() })
+        };
+        let below = bound(0.95 * per_work.package_per_work());
+        let t = evaluate(&inputs, scenario, 0.7, &references, &runs, Some(&below));
         assert!(t.get(Governor::Vmgov).unwrap().beats_bound, "{t:?}");
         assert!(!t.get(Governor::Performance).unwrap().beats_bound);
         assert!((t.bound.as_ref().unwrap().saving - 0.05).abs() < 1e-9);
-        let within =
-            Ok(Bound { energy_per_work: 0.9 * per_work.package_per_work(), ..bound.unwrap() });
+        let within = bound(0.9 * per_work.package_per_work());
         let t = evaluate(&inputs, scenario, 0.7, &references, &runs, Some(&within));
         assert!(!t.get(Governor::Vmgov).unwrap().beats_bound, "within noise of the bound");
     }

@@ -179,6 +179,14 @@ fn the_quick_lab_runs_the_reports_experiment_end_to_end() {
         assert!(md.contains(section), "report.md has no {section:?}");
     }
     assert_eq!(r["report_table"].as_array().unwrap().len(), 6, "the report's six rows");
+    let held_out_error = r["held_out_error"].as_array().unwrap();
+    assert_eq!(held_out_error.len(), in_group("held-out") + 1, "each held-out workload, then all");
+    assert!(held_out_error.iter().all(|e| f(&e["worst"]) >= f(&e["mean"])));
+    let estimate = &r["estimate_error"];
+    assert!(
+        estimate["cases"].as_u64().is_some_and(|n| n > 0)
+            && f(&estimate["worst"]) >= f(&estimate["mean"])
+    );
 
     let again = TempDir::new("again");
     std::fs::create_dir_all(&again.0).unwrap();

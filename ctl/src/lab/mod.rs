@@ -842,6 +842,8 @@ async fn experiment_with<S: Store>(
     .with_context(|| format!("writing {}", model_path.display()))?;
     let summary = report::summary(&scenario_results);
     let report_table = report_table::rows(inputs, &results);
+    let estimate_error = report::estimate_error(&summary);
+    let held_out_error = report::held_out_errors(&scenario_results, &model_check, &pstates_ghz);
     Ok(Report {
         tool: format!("vmgov lab {}", env!("CARGO_PKG_VERSION")),
         settings: Settings {
@@ -870,6 +872,8 @@ async fn experiment_with<S: Store>(
         scenarios: scenario_results,
         summary,
         report_table,
+        estimate_error,
+        held_out_error,
         plots: all_plots,
         wall_s: started.elapsed().as_secs_f64(),
     })

@@ -133,6 +133,10 @@ pub(crate) struct Report {
     pub summary: Vec<SummaryRow>,
     /// The research report's table under its own metric (its class only).
     pub report_table: Vec<ReportRow>,
+    /// vmgov's estimate of its saving against the truth, over the summary.
+    pub estimate_error: Option<EstimateError>,
+    /// The model's error on each held-out workload, then over all of them.
+    pub held_out_error: Vec<ModelError>,
     /// Plot files, relative to the report.
     pub plots: Vec<String>,
     /// Wall time, seconds.
@@ -415,10 +419,10 @@ pub(crate) fn terminal(report: &Report) -> String {
         );
         let _ = writeln!(out, "{}", table(&SUMMARY_HEADER, rows.into_iter().map(summary_cells)));
     }
-    if let Some(line) = estimate_error_line(&report.summary) {
+    if let Some(line) = estimate_error_line(report) {
         let _ = writeln!(out, "{line}");
     }
-    let held_out = held_out_errors(report);
+    let held_out = &report.held_out_error;
     if !held_out.is_empty() {
         let _ = writeln!(
             out,
@@ -450,9 +454,20 @@ fn summary_sections(report: &Report) -> Vec<(Group, Vec<&SummaryRow>)> {
         .collect()
 }
 
+/// How far vmgov's estimate of its saving is from the truth.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct EstimateError {
+    /// Mean absolute difference (fraction of the energy).
+    pub mean: f64,
+    /// Worst absolute difference.
+    pub worst: f64,
+    /// Cases with both.
+    pub cases: usize,
+}
+
 /// Mean and worst absolute difference between vmgov's estimate of its saving and the truth,
-/// over the summary rows that have both, and how many.
-pub(crate) fn estimate_error(rows: &[SummaryRow]) -> Option<(f64, f64, usize)> {
+/// over the summary rows that have both.
+pub(crate) fn estimate_error(rows: &[SummaryRow]) -> Option<EstimateError> {
     let errors: Vec<f64> = rows
         .iter()
         .filter_map(|r| r.vmgov_estimate.zip(r.vmgov_saving).map(|(e, s)| (e - s).abs()))
@@ -460,15 +475,20 @@ pub(crate) fn estimate_error(rows: &[SummaryRow]) -> Option<(f64, f64, usize)> {
         .collect();
     #[allow(clippy::cast_precision_loss, reason = "a few hundred rows")]
     let mean = errors.iter().sum::<f64>() / errors.len() as f64;
-    (!errors.is_empty()).then(|| (mean, errors.iter().copied().fold(0.0, f64::max), errors.len()))
+    (!errors.is_empty()).then(|| EstimateError {
+        mean,
+        worst: errors.iter().copied().fold(0.0, f64::max),
+        cases: errors.len(),
+    })
 }
 
-fn estimate_error_line(rows: &[SummaryRow]) -> Option<String> {
-    estimate_error(rows).map(|(mean, worst, n)| {
+fn estimate_error_line(report: &Report) -> Option<String> {
+    report.estimate_error.map(|e| {
         format!(
-            "vmgov's estimate of its saving against the truth, over {n} cases: mean absolute difference {:.1} points, worst {:.1}",
-            100.0 * mean,
-            100.0 * worst
+            "vmgov's estimate of its saving against the truth, over {} cases: mean absolute difference {:.1} points, worst {:.1}",
+            e.cases,
+            100.0 * e.mean,
+            100.0 * e.worst
         )
     })
 }
@@ -509,18 +529,20 @@ pub(crate) fn model_error(c: &ModelCheck, pstates_ghz: &[f64]) -> ModelError {
 }
 
 /// The held-out workloads' prediction errors, then one row over all of them.
-fn held_out_errors(report: &Report) -> Vec<ModelError> {
-    let held_out: Vec<&str> = report
-        .scenarios
+pub(crate) fn held_out_errors(
+    scenarios: &[ScenarioResult],
+    model_check: &[ModelCheck],
+    pstates_ghz: &[f64],
+) -> Vec<ModelError> {
+    let held_out: Vec<&str> = scenarios
         .iter()
         .filter(|s| s.group == Group::HeldOut)
         .flat_map(|s| s.workloads.iter().map(String::as_str))
         .collect();
-    let mut rows: Vec<ModelError> = report
-        .model_check
+    let mut rows: Vec<ModelError> = model_check
         .iter()
         .filter(|c| held_out.contains(&c.workload.as_str()))
-        .map(|c| model_error(c, &report.settings.pstates_ghz))
+        .map(|c| model_error(c, pstates_ghz))
         .collect();
     if !rows.is_empty() {
         #[allow(clippy::cast_precision_loss, reason = "a handful of workloads")]
@@ -664,13 +686,13 @@ pub(crate) fn markdown(report: &Report) -> String {
             md_table(&SUMMARY_HEADER, rows.into_iter().map(summary_cells))
         );
     }
-    if let Some(line) = estimate_error_line(&report.summary) {
+    if let Some(line) = estimate_error_line(report) {
         let _ = writeln!(out, "{line}.\n");
     }
     for v in verdicts(report) {
         let _ = writeln!(out, "- {v}");
     }
-    let held_out = held_out_errors(report);
+    let held_out = &report.held_out_error;
     if !held_out.is_empty() {
         let _ = writeln!(
             out,

@@ -676,7 +676,11 @@ pub(crate) fn markdown(report: &Report) -> String {
          \"vmgov's estimate\" is what vmgov's agent itself counted, as `vmgov status` reports \
          it: the energy charged to the VMs (their core-time share of the package meter) against \
          what f_max would have taken, from measured ratios once its verification windows have \
-         them.\n"
+         them. \"bound saved\" is the whole-run bound's: the most any policy could save with \
+         every VM meeting its thresholds over the whole run. For one VM it is exact; \"≤\" marks \
+         several VMs, where it is a proven lower bound on energy that ignores every cost of \
+         running them together, so the true optimum lies between it and the best run in the \
+         scenario's table.\n"
     );
     for (group, rows) in summary_sections(report) {
         let _ = writeln!(

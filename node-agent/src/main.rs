@@ -403,6 +403,7 @@ fn simulate_cmd(args: &SimulateArgs) -> anyhow::Result<()> {
         println!("hardware classes: {}", class::builtin_names().join(", "));
         println!("evaluation workloads: {}", workload::evaluation_names().join(", "));
         println!("training workloads: {}", workload::training_names().join(", "));
+        println!("held-out workloads: {}", workload::held_out_names().join(", "));
         return Ok(());
     }
     let class = HardwareClass::load(&args.class)?;

@@ -34,7 +34,7 @@ fn every_workload_runs_under_every_governor_and_the_oracle() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    assert!(workloads.len() >= 19, "{listing}");
+    assert!(workloads.len() >= 28, "evaluation, training and held-out: {listing}");
     let mut policies: Vec<Vec<&str>> =
         ["performance", "powersave", "ondemand", "conservative", "schedutil", "cpu-load"]
             .iter()

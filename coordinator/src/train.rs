@@ -3,7 +3,9 @@
 //! Per P-state and per target (perf, power, throughput ratio) one linear fit with smartcore:
 //! ordinary least squares as in the report, or ridge or lasso. Features are standardised before
 //! fitting and the coefficients folded back to raw units, so the model predicts from raw features.
-//! k-fold cross-validation gives R², MAE and MAPE per fit.
+//! k-fold cross-validation gives R², MAE and MAPE per fit. The folds and P-states are
+//! independent, so they are fitted on every core from one queue; their results are put
+//! together in order, so the model is the same whatever the cores did.
 //!
 //! smartcore 0.7 fails quietly on bad data (measured here: QR returns coefficients of ±3e11 on a
 //! constant or duplicated column, SVD panics on a NaN, ridge without normalisation fits no
@@ -293,6 +295,110 @@ fn quality(truth: &[f64], predicted: &[f64]) -> (f64, f64, f64) {
     (r2, mae, mape)
 }
 
+/// One unit of training work: a cross-validation fold of a P-state, or its fit on all rows.
+#[derive(Debug, Clone, Copy)]
+enum Task {
+    /// Fit on every fold but `fold`, predict `fold`'s rows.
+    Fold { pstate: usize, fold: usize },
+    /// Fit on every row: the model.
+    All { pstate: usize },
+}
+
+/// What a task gave.
+enum Done {
+    /// Per target, the held-out rows' truth and predictions, in the fold's order.
+    Fold { truth: [Vec<f64>; 3], predicted: [Vec<f64>; 3] },
+    /// The three fits and the columns that survived screening.
+    All { fits: [LinearFit; 3], kept: Vec<usize> },
+}
+
+fn run_task(
+    req: &TrainRequest,
+    data: &[Rows],
+    orders: &[Vec<usize>],
+    task: Task,
+) -> Result<Done, TrainError> {
+    let pstate = match task {
+        Task::Fold { pstate, .. } | Task::All { pstate } => pstate,
+    };
+    let err = |target: usize| {
+        move |reason| TrainError::Fit { pstate, target: Target::ALL[target], reason }
+    };
+    let rows = &data[pstate];
+    let k = rows.k;
+    match task {
+        Task::Fold { fold, .. } => {
+            // Each fold is screened and standardised on its training rows only, once for the
+            // three targets.
+            let folds = req.folds as usize;
+            let order = &orders[pstate];
+            let in_fold = |(i, _): &(usize, &usize)| i % folds == fold;
+            let test: Vec<usize> =
+                order.iter().enumerate().filter(in_fold).map(|(_, r)| *r).collect();
+            let train: Vec<usize> =
+                order.iter().enumerate().filter(|x| !in_fold(x)).map(|(_, r)| *r).collect();
+            let design = Design::new(rows, train).map_err(err(0))?;
+            let mut truth: [Vec<f64>; 3] = Default::default();
+            let mut predicted: [Vec<f64>; 3] = Default::default();
+            for t in 0..3 {
+                let model = design.fit(t, req.algorithm, req.alpha).map_err(err(t))?;
+                for &r in &test {
+                    truth[t].push(rows.y[t][r]);
+                    predicted[t].push(predict(&model, &rows.x[r * k..(r + 1) * k]));
+                }
+            }
+            Ok(Done::Fold { truth, predicted })
+        }
+        Task::All { .. } => {
+            let design = Design::new(rows, (0..rows.len()).collect()).map_err(err(0))?;
+            let fit = |t: usize| design.fit(t, req.algorithm, req.alpha).map_err(err(t));
+            Ok(Done::All { fits: [fit(0)?, fit(1)?, fit(2)?], kept: design.screen.keep.clone() })
+        }
+    }
+}
+
+/// Runs every task on every core (a shared queue, so uneven tasks balance); results in task
+/// order.
+fn run_tasks(
+    req: &TrainRequest,
+    data: &[Rows],
+    orders: &[Vec<usize>],
+    tasks: &[Task],
+) -> Vec<Result<Done, TrainError>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, usize::from).min(tasks.len());
+    let mut out: Vec<Option<Result<Done, TrainError>>> = (0..tasks.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&task) = tasks.get(i) else { break };
+                        mine.push((i, run_task(req, data, orders, task)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        for h in handles {
+            // A fit that panics is caught inside it; a worker that panics anyway leaves its
+            // tasks without a result, reported below.
+            for (i, r) in h.join().unwrap_or_default() {
+                out[i] = Some(r);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(TrainError::BadRequest("internal: a training thread panicked".into()))
+            })
+        })
+        .collect()
+}
+
 /// Trains a model from labelled samples.
 pub fn train(req: &TrainRequest, samples: &[LabelledSample]) -> Result<EnergyModel, TrainError> {
     if req.folds < 2 {
@@ -348,43 +454,55 @@ pub fn train(req: &TrainRequest, samples: &[LabelledSample]) -> Result<EnergyMod
             _ => {}
         }
     }
+    // A fixed seed: the same data always gives the same folds, hence the same figures. The
+    // orders are drawn in P-state order before the P-states are fitted side by side.
+    let mut rng = ChaCha8Rng::seed_from_u64(0x0076_6d67_6f76);
+    let orders: Vec<Vec<usize>> = per_pstate
+        .iter()
+        .map(|data| {
+            let mut order: Vec<usize> = (0..data.len()).collect();
+            order.shuffle(&mut rng);
+            order
+        })
+        .collect();
+    // Every fold of every P-state, and every P-state's fit on all its rows, is independent:
+    // they run on every core.
+    let folds = req.folds as usize;
+    let tasks: Vec<Task> = (0..n_p)
+        .flat_map(|pstate| {
+            (0..folds)
+                .map(move |fold| Task::Fold { pstate, fold })
+                .chain(std::iter::once(Task::All { pstate }))
+        })
+        .collect();
+    let mut done = run_tasks(req, &per_pstate, &orders, &tasks).into_iter();
     let mut models = Vec::with_capacity(n_p);
     let mut quality_figures = Vec::new();
     let mut ever_kept = vec![false; k];
-    // A fixed seed: the same data always gives the same folds, hence the same figures.
-    let mut rng = ChaCha8Rng::seed_from_u64(0x0076_6d67_6f76);
-    for (pstate, data) in per_pstate.iter().enumerate() {
-        let err = |target: usize| {
-            move |reason| TrainError::Fit { pstate, target: Target::ALL[target], reason }
-        };
-        let all: Vec<usize> = (0..data.len()).collect();
-        let mut order = all.clone();
-        order.shuffle(&mut rng);
-        // Cross-validation: each fold is screened and standardised on its training rows only,
-        // once for the three targets.
-        let folds = req.folds as usize;
+    for pstate in 0..n_p {
         let mut truth: [Vec<f64>; 3] = Default::default();
         let mut predicted: [Vec<f64>; 3] = Default::default();
-        for f in 0..folds {
-            let in_fold = |(i, _): &(usize, &usize)| i % folds == f;
-            let test: Vec<usize> =
-                order.iter().enumerate().filter(in_fold).map(|(_, r)| *r).collect();
-            let train: Vec<usize> =
-                order.iter().enumerate().filter(|x| !in_fold(x)).map(|(_, r)| *r).collect();
-            let design = Design::new(data, train).map_err(err(0))?;
-            for t in 0..3 {
-                let model = design.fit(t, req.algorithm, req.alpha).map_err(err(t))?;
-                for &r in &test {
-                    truth[t].push(data.y[t][r]);
-                    predicted[t].push(predict(&model, &data.x[r * k..(r + 1) * k]));
+        let mut fitted = None;
+        // Tasks come back in the order they were listed: the folds in order, then the fit.
+        for _ in 0..=folds {
+            match done.next() {
+                Some(Ok(Done::Fold { truth: t, predicted: p })) => {
+                    for i in 0..3 {
+                        truth[i].extend_from_slice(&t[i]);
+                        predicted[i].extend_from_slice(&p[i]);
+                    }
                 }
+                Some(Ok(Done::All { fits, kept })) => fitted = Some((fits, kept)),
+                Some(Err(e)) => return Err(e),
+                None => break,
             }
         }
-        let design = Design::new(data, all).map_err(err(0))?;
-        for &j in &design.screen.keep {
+        let Some(([perf, power, throughput], kept)) = fitted else {
+            return Err(TrainError::BadRequest("internal: a P-state was not fitted".into()));
+        };
+        for j in kept {
             ever_kept[j] = true;
         }
-        let mut fits = Vec::with_capacity(3);
         for (t, target) in Target::ALL.into_iter().enumerate() {
             let (r2, mae, mape) = quality(&truth[t], &predicted[t]);
             quality_figures.push(FitQuality {
@@ -394,13 +512,7 @@ pub fn train(req: &TrainRequest, samples: &[LabelledSample]) -> Result<EnergyMod
                 mae,
                 mape,
             });
-            fits.push(design.fit(t, req.algorithm, req.alpha).map_err(err(t))?);
         }
-        let mut fits = fits.into_iter();
-        let (Some(perf), Some(power), Some(throughput)) = (fits.next(), fits.next(), fits.next())
-        else {
-            return Err(TrainError::BadRequest("internal: three targets expected".into()));
-        };
         models.push(PStateModel {
             frequency_hz: req.pstates.frequency_hz(pstate).unwrap_or(0.0),
             perf,

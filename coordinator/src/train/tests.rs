@@ -235,3 +235,22 @@ proptest! {
         }
     }
 }
+
+/// Folds and P-states train side by side on every core: the model, its cross-validated figures
+/// included, is the same every time.
+#[test]
+fn training_on_every_core_gives_the_same_model_every_time() {
+    let mut data = samples(1500, 11, true);
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for s in &mut data {
+        s.labels.power += rand::RngExt::random_range(&mut rng, -0.02..0.02);
+    }
+    let req = request(Algorithm::Ols);
+    let first = train(&req, &data).unwrap();
+    for _ in 0..3 {
+        assert_eq!(train(&req, &data).unwrap(), first);
+    }
+    let q = &first.training.quality;
+    assert_eq!(q.len(), 3 * req.pstates.len(), "one figure per P-state and target");
+    assert!(q.iter().enumerate().all(|(i, f)| f.pstate_index as usize == i / 3));
+}

@@ -1,6 +1,7 @@
 //! Training time: `train::train` on 1,000,000 labelled samples of one hardware class (the
 //! Phenom 9500's 5 P-states, so 200,000 per P-state), the report's 8 features, OLS, 5-fold
-//! cross-validation: per P-state and target one full fit and five fold fits, 90 fits in all.
+//! cross-validation: per P-state one full fit and five fold fits of the three targets, 90 fits
+//! in all (OLS factorises each of the 30 designs once for its three targets), on every core.
 //!
 //! The samples are generated once, deterministically (`support/data.rs`: ChaCha8, realistic raw
 //! counters of 10 ms slices, labels from a known linear law times uniform ±2 % noise); only

@@ -3,8 +3,9 @@
 //! Per P-state and per target (perf, power, throughput ratio) one linear fit with smartcore:
 //! ordinary least squares as in the report, or ridge or lasso. Features are standardised before
 //! fitting and the coefficients folded back to raw units, so the model predicts from raw features.
-//! k-fold cross-validation gives R², MAE and MAPE per fit. The folds and P-states are
-//! independent, so they are fitted on every core from one queue; their results are put
+//! k-fold cross-validation gives R², MAE and MAPE per fit. Ordinary least squares factorises
+//! each design once for the three targets (smartcore's multi-target fit). The folds and P-states
+//! are independent, so they are fitted on every core from one queue; their results are put
 //! together in order, so the model is the same whatever the cores did.
 //!
 //! smartcore 0.7 fails quietly on bad data (measured here: QR returns coefficients of ±3e11 on a
@@ -206,64 +207,135 @@ impl<'a> Design<'a> {
         Ok(Self { data, rows, screen, matrix })
     }
 
-    /// Fits `target` on the design; returns the fit in raw units.
-    fn fit(&self, target: usize, algorithm: Algorithm, alpha: f64) -> Result<LinearFit, String> {
+    /// Fits the three targets on the design; returns the fits in raw units. Ordinary least
+    /// squares factorises the design once for every target that varies (smartcore's
+    /// multi-target fit); ridge and lasso fit each target on its own.
+    fn fit_all(&self, algorithm: Algorithm, alpha: f64) -> [Result<LinearFit, String>; 3] {
         let (data, s) = (self.data, &self.screen);
-        let y: Vec<f64> = self.rows.iter().map(|&r| data.y[target][r]).collect();
+        let ys: [Vec<f64>; 3] =
+            std::array::from_fn(|t| self.rows.iter().map(|&r| data.y[t][r]).collect());
         #[allow(clippy::cast_precision_loss, reason = "row counts are far below 2^53")]
-        let y_mean = y.iter().sum::<f64>() / y.len().max(1) as f64;
-        let mut coefficients = vec![0.0; data.k];
-        if s.keep.is_empty() || y.iter().all(|v| (v - y_mean).abs() < 1e-15) {
-            // Nothing varies, or the target does not: the best fit is its mean.
-            return Ok(LinearFit { intercept: y_mean, coefficients });
+        let means: [f64; 3] =
+            std::array::from_fn(|t| ys[t].iter().sum::<f64>() / ys[t].len().max(1) as f64);
+        let mut out: [Option<Result<LinearFit, String>>; 3] = [None, None, None];
+        let mut varying = Vec::with_capacity(3);
+        for t in 0..3 {
+            if s.keep.is_empty() || ys[t].iter().all(|v| (v - means[t]).abs() < 1e-15) {
+                // Nothing varies, or the target does not: the best fit is its mean.
+                out[t] =
+                    Some(Ok(LinearFit { intercept: means[t], coefficients: vec![0.0; data.k] }));
+            } else {
+                varying.push(t);
+            }
         }
         let p = s.keep.len();
         let Some(m) = &self.matrix else {
-            return Err(format!("{} rows for {p} features", self.rows.len()));
+            for t in varying {
+                out[t] = Some(Err(format!("{} rows for {p} features", self.rows.len())));
+            }
+            return out.map(|o| o.unwrap_or_else(|| Err("internal: no fit".into())));
         };
         // Centre y for the solvers that fit no intercept; add the mean back below.
-        let yc: Vec<f64> = y.iter().map(|v| v - y_mean).collect();
-        let solved = catch_unwind(AssertUnwindSafe(|| -> Result<(Vec<f64>, f64), String> {
-            match algorithm {
-                Algorithm::Ols => {
+        let centred = |t: usize| ys[t].iter().map(|v| v - means[t]).collect::<Vec<f64>>();
+        let solved: Vec<(usize, Solved)> = match algorithm {
+            Algorithm::Ols if !varying.is_empty() => {
+                let n = self.rows.len();
+                let mut yc = Vec::with_capacity(n * varying.len());
+                let columns: Vec<Vec<f64>> = varying.iter().map(|&t| centred(t)).collect();
+                for r in 0..n {
+                    yc.extend(columns.iter().map(|c| c[r]));
+                }
+                let fitted = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Solution>, String> {
+                    let ym =
+                        DenseMatrix::new(n, varying.len(), yc, false).map_err(|e| e.to_string())?;
                     let params = LinearRegressionParameters::default()
                         .with_solver(LinearRegressionSolverName::QR);
-                    let f = LinearRegression::fit(m, &yc, params).map_err(|e| e.to_string())?;
-                    Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
-                }
-                Algorithm::Ridge => {
-                    let params = RidgeRegressionParameters::default()
-                        .with_alpha(alpha)
-                        .with_normalize(false)
-                        .with_solver(RidgeRegressionSolverName::Cholesky);
-                    let f = RidgeRegression::fit(m, &yc, params).map_err(|e| e.to_string())?;
-                    Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
-                }
-                Algorithm::Lasso => {
-                    let params = LassoParameters::default()
-                        .with_alpha(alpha)
-                        .with_normalize(false)
-                        .with_fit_intercept(true)
-                        .with_tol(1e-6)
-                        .with_max_iter(10_000);
-                    let f = Lasso::fit(m, &yc, params).map_err(|e| e.to_string())?;
-                    Ok(((0..p).map(|i| *f.coefficients().get((i, 0))).collect(), *f.intercept()))
+                    let f = LinearRegression::<f64, f64, DenseMatrix<f64>, Vec<f64>>::fit_matrix(
+                        m, &ym, params,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    let (w, b) = (f.coefficients(), f.intercept_matrix());
+                    Ok((0..varying.len())
+                        .map(|c| ((0..p).map(|i| *w.get((i, c))).collect(), *b.get((0, c))))
+                        .collect())
+                }))
+                .map_err(|_| "the solver panicked".to_owned())
+                .and_then(|r| r);
+                match fitted {
+                    Ok(each) => varying.iter().copied().zip(each.into_iter().map(Ok)).collect(),
+                    Err(e) => varying.iter().map(|&t| (t, Err(e.clone()))).collect(),
                 }
             }
-        }))
-        .map_err(|_| "the solver panicked".to_owned())??;
-        let (beta, b0) = solved;
-        if beta.iter().chain(std::iter::once(&b0)).any(|v| !v.is_finite()) {
-            return Err("the solver returned a non-finite coefficient".into());
+            _ => varying
+                .iter()
+                .map(|&t| (t, solve_one(m, &centred(t), algorithm, alpha, p)))
+                .collect(),
+        };
+        for (t, result) in solved {
+            out[t] = Some(result.and_then(|(beta, b0)| {
+                if beta.iter().chain(std::iter::once(&b0)).any(|v| !v.is_finite()) {
+                    return Err("the solver returned a non-finite coefficient".into());
+                }
+                // Back to raw units: y = y_mean + b0 + Σ β_j (x_j − μ_j)/σ_j.
+                let mut coefficients = vec![0.0; data.k];
+                let mut intercept = means[t] + b0;
+                for (&j, b) in s.keep.iter().zip(&beta) {
+                    coefficients[j] = b / s.std[j];
+                    intercept -= b * s.mean[j] / s.std[j];
+                }
+                Ok(LinearFit { intercept, coefficients })
+            }));
         }
-        // Back to raw units: y = y_mean + b0 + Σ β_j (x_j − μ_j)/σ_j.
-        let mut intercept = y_mean + b0;
-        for (&j, b) in s.keep.iter().zip(&beta) {
-            coefficients[j] = b / s.std[j];
-            intercept -= b * s.mean[j] / s.std[j];
-        }
-        Ok(LinearFit { intercept, coefficients })
+        out.map(|o| o.unwrap_or_else(|| Err("internal: no fit".into())))
     }
+}
+
+/// Standardised coefficients and intercept of one target.
+type Solution = (Vec<f64>, f64);
+
+/// A target's solution, or why there is none.
+type Solved = Result<Solution, String>;
+
+/// Fits one centred target `yc` on the standardised design `m` of `p` columns; a solver panic
+/// is an error, not a crash.
+fn solve_one(
+    m: &DenseMatrix<f64>,
+    yc: &Vec<f64>,
+    algorithm: Algorithm,
+    alpha: f64,
+    p: usize,
+) -> Solved {
+    let first = |w: &DenseMatrix<f64>| (0..p).map(|i| *w.get((i, 0))).collect::<Vec<f64>>();
+    catch_unwind(AssertUnwindSafe(|| -> Solved {
+        match algorithm {
+            Algorithm::Ols => {
+                let params = LinearRegressionParameters::default()
+                    .with_solver(LinearRegressionSolverName::QR);
+                let f = LinearRegression::fit(m, yc, params).map_err(|e| e.to_string())?;
+                Ok((first(f.coefficients()), *f.intercept()))
+            }
+            Algorithm::Ridge => {
+                let params = RidgeRegressionParameters::default()
+                    .with_alpha(alpha)
+                    .with_normalize(false)
+                    .with_solver(RidgeRegressionSolverName::Cholesky);
+                let f = RidgeRegression::fit(m, yc, params).map_err(|e| e.to_string())?;
+                Ok((first(f.coefficients()), *f.intercept()))
+            }
+            Algorithm::Lasso => {
+                let params = LassoParameters::default()
+                    .with_alpha(alpha)
+                    .with_normalize(false)
+                    .with_fit_intercept(true)
+                    .with_tol(1e-6)
+                    .with_max_iter(10_000);
+                let f = Lasso::fit(m, yc, params).map_err(|e| e.to_string())?;
+                Ok((first(f.coefficients()), *f.intercept()))
+            }
+        }
+    }))
+    .map_err(|_| "the solver panicked".to_owned())
+    .and_then(|r| r)
 }
 
 fn predict(f: &LinearFit, x: &[f64]) -> f64 {
@@ -340,8 +412,8 @@ fn run_task(
             let design = Design::new(rows, train).map_err(err(0))?;
             let mut truth: [Vec<f64>; 3] = Default::default();
             let mut predicted: [Vec<f64>; 3] = Default::default();
-            for t in 0..3 {
-                let model = design.fit(t, req.algorithm, req.alpha).map_err(err(t))?;
+            for (t, model) in design.fit_all(req.algorithm, req.alpha).into_iter().enumerate() {
+                let model = model.map_err(err(t))?;
                 for &r in &test {
                     truth[t].push(rows.y[t][r]);
                     predicted[t].push(predict(&model, &rows.x[r * k..(r + 1) * k]));
@@ -351,8 +423,11 @@ fn run_task(
         }
         Task::All { .. } => {
             let design = Design::new(rows, (0..rows.len()).collect()).map_err(err(0))?;
-            let fit = |t: usize| design.fit(t, req.algorithm, req.alpha).map_err(err(t));
-            Ok(Done::All { fits: [fit(0)?, fit(1)?, fit(2)?], kept: design.screen.keep.clone() })
+            let [perf, power, throughput] = design.fit_all(req.algorithm, req.alpha);
+            Ok(Done::All {
+                fits: [perf.map_err(err(0))?, power.map_err(err(1))?, throughput.map_err(err(2))?],
+                kept: design.screen.keep.clone(),
+            })
         }
     }
 }

@@ -643,7 +643,9 @@ pub(crate) fn markdown(report: &Report) -> String {
          (the reference), `ondemand`, `schedutil`, `cpu-load` and the oracle (simulated), and \
          vmgov's agent with the report's equation 9 (`power` objective) and with its default \
          (`energy` objective), each a real agent on its own simulated host with its thresholds \
-         set through the coordinator.\n",
+         set through the coordinator; and each scenario's whole-run bound. The scenarios come in \
+         groups: the report's (every evaluation workload alone and its Table 2), the held-out \
+         suite (never trained on) and full hosts (every core given to VMs).\n",
         report.scenarios.len(),
         st.thresholds
             .iter()

@@ -2,18 +2,19 @@
 //! and the oracle (`simulate::run`, on a blocking thread). vmgov's own runs go through real
 //! agents (`fleet.rs`).
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 use vmgov_proto::{Objective, Thresholds};
 use vmgov_sim::{
     HardwareClass, SimConfig, SimReport, VmSpec,
+    bound::{Bound, BoundVm, whole_run_bound},
     governor::GovernorKind,
     simulate::{self, Scenario},
 };
 
-use super::platform::Trace;
+use super::{platform::Trace, results::Reference};
 
 /// Who sets the frequencies in a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -156,18 +157,17 @@ pub(crate) fn simulated(
 }
 
 /// A scenario's whole-run bound at one threshold, or why there is none.
-pub(crate) type BoundResult = std::result::Result<vmgov_sim::bound::Bound, String>;
+pub(crate) type BoundResult = std::result::Result<Bound, String>;
 
 /// The whole-run bound of every scenario at every threshold, keyed by (scenario, threshold)
 /// index. Blocking.
 pub(crate) fn bounds(
     inputs: &super::inputs::Inputs,
-    references: &std::collections::BTreeMap<String, super::results::Reference>,
+    references: &BTreeMap<String, Reference>,
     config: &SimConfig,
     scale: f64,
-) -> std::collections::BTreeMap<(usize, usize), BoundResult> {
-    use vmgov_sim::bound::{BoundVm, whole_run_bound};
-    let mut out = std::collections::BTreeMap::new();
+) -> BTreeMap<(usize, usize), BoundResult> {
+    let mut out = BTreeMap::new();
     for (i, s) in inputs.scenarios.iter().enumerate() {
         for (t, &thr) in inputs.thresholds.iter().enumerate() {
             let vms: std::result::Result<Vec<BoundVm>, String> = inputs
